@@ -58,6 +58,7 @@ class HiresConfig(_Config):
 
 class GenerateConfig(_Config):
     model: str = ""  # catalog name, hub id, folder or .safetensors file; "" = the app's default
+    vae: str = ""  # optional separate VAE (e.g. an fp16-fix VAE): folder, .safetensors or hub id
     prompt: str
     negative_prompt: str = ""
     style: PromptStyle = PromptStyle()

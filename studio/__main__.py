@@ -1,0 +1,125 @@
+"""Headless CLI: `python -m studio generate ...`. Same engine as the app, a progress bar instead
+of the UI. Exit codes: 0 done, 1 the work failed (the message says why), 2 bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from studio.errors import ConfigError, StudioError
+
+
+def parse_lora_arg(value: str) -> dict:
+    """FILE[:WEIGHT]; the weight is split off only when it parses as a number (C:\\ paths stay)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": value, "weight": 1.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate images with A1111 infotext in each PNG")
+    gen.add_argument("--model", default="animagine-xl-3.1",
+                     help="catalog name (animagine-xl-3.1, demo-sdxl), hub repo id, diffusers folder or .safetensors")
+    gen.add_argument("--vae", help="separate VAE (folder, .safetensors or repo id), e.g. an fp16-fix VAE")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default="", help="negative prompt (the model's default one is merged in)")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--cfg", type=float, dest="cfg_scale")
+    gen.add_argument("--sampler")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--seed", type=int, default=-1, help="-1 = random; the seed used is printed and recorded")
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--batch-count", type=int, default=1)
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=parse_lora_arg)
+    gen.add_argument("--no-quality-tags", action="store_true", help="do not add Animagine's quality tags")
+    gen.add_argument("--no-default-negative", action="store_true", help="do not merge the model's negative prompt")
+    gen.add_argument("--aesthetic", default="", choices=["", "very aesthetic", "aesthetic", "displeasing", "very displeasing"])
+    gen.add_argument("--year", default="", choices=["", "newest", "recent", "mid", "early", "oldest"])
+    gen.add_argument("--rating", default="", choices=["", "safe", "sensitive", "nsfw", "explicit"])
+    gen.add_argument("--hires-scale", type=float, help="enable the hires pass with this upscale factor")
+    gen.add_argument("--hires-denoise", type=float, default=0.55)
+    gen.add_argument("--hires-steps", type=int, default=15)
+    gen.add_argument("--out", type=Path, help="output folder (default: WORKSPACE/outputs)")
+    gen.add_argument("--workspace", type=Path, default=Path("workspace"))
+    gen.add_argument("--vram", default="auto", choices=["auto", "high", "normal", "low", "cpu"])
+    return parser
+
+
+def generate_form(args: argparse.Namespace) -> dict:
+    """The command line as GenerateConfig fields; unset values are left to the model's defaults."""
+    form = {
+        "model": args.model,
+        "vae": args.vae or "",
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "batch_count": args.batch_count,
+        "loras": args.lora,
+        "style": {
+            "quality_tags": not args.no_quality_tags,
+            "default_negative": not args.no_default_negative,
+            "aesthetic": args.aesthetic,
+            "year": args.year,
+            "rating": args.rating,
+        },
+    }
+    for name in ("steps", "cfg_scale", "sampler", "width", "height"):
+        if getattr(args, name) is not None:
+            form[name] = getattr(args, name)
+    if args.hires_scale is not None:
+        form["hires"] = {"scale": args.hires_scale, "denoise": args.hires_denoise, "steps": args.hires_steps}
+    return form
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from studio.generation.generate import config_from_form, generate
+    from studio.models.manager import ModelManager
+
+    manager = ModelManager(args.workspace / "models", requested_policy=args.vram)
+    config = config_from_form(generate_form(args), manager, default_model=args.model)
+    out = args.out or args.workspace / "outputs"
+    with tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {postfix}", dynamic_ncols=True) as bar:
+
+        def report(fraction, message):
+            if fraction is not None:
+                bar.n = int(fraction * 1000)
+            bar.set_postfix_str(message)
+
+        result = generate(manager, config, outputs_dir=out, default_model=args.model, report=report)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for image in result.images:
+        print(image.path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

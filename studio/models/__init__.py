@@ -1,0 +1,1 @@
+"""The one in-process model manager, model references and loaders, and the demo models."""

@@ -1,0 +1,49 @@
+"""What hardware there is. Probed when asked (never at import), so tests can pass their own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The execution device (where models run) and how much memory it has free."""
+
+    execution_device: str  # "cuda:0", "mps" or "cpu"
+    name: str
+    total_bytes: int | None = None  # accelerator memory; None on CPU
+    free_bytes: int | None = None
+    bf16: bool = False
+
+    @property
+    def accelerator(self) -> bool:
+        return self.execution_device != "cpu"
+
+
+def probe_devices() -> DeviceInfo:
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        return DeviceInfo("cuda:0", torch.cuda.get_device_name(0), total, free, torch.cuda.is_bf16_supported())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return DeviceInfo("mps", "Apple MPS", None, None, False)
+    return DeviceInfo("cpu", "CPU")
+
+
+def free_accelerator_memory() -> None:
+    """Return cached blocks to the driver after models were dropped."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -1,0 +1,188 @@
+"""Loading model weights: hub downloads, diffusers folders, single-file checkpoints, demo models.
+
+Everything goes through diffusers' own loaders (from_pretrained / from_single_file), the same
+for demo models as for real ones. Only safetensors weights are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.errors import ModelNotFoundError, UnsafeCheckpointError
+from studio.models.catalog import ModelSource, check_not_pickle
+
+Progress = Callable[[float | None, str], None]
+
+# Which repo files a diffusers SDXL pipeline needs: configs, tokenizers and safetensors weights,
+# not the pickled .bin copies, fp16 variants, ONNX/Flax exports or the root single-file checkpoint.
+HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+HUB_IGNORE = ["*.fp16.safetensors", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data"]
+PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline"}
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a diffusers pipeline
+    size_bytes: int
+    largest_component_bytes: int
+    weights_file: Path | None  # the file whose hash identifies the model in infotext
+
+
+def _noop(fraction: float | None, message: str) -> None:
+    return None
+
+
+def _tqdm_reporting(progress: Progress, what: str):
+    """A tqdm class that forwards download progress to `progress` (for the UI's progress bar)."""
+    from tqdm.auto import tqdm
+
+    class ReportingTqdm(tqdm):
+        def update(self, n=1):
+            result = super().update(n)
+            if self.total:
+                progress(min(self.n / self.total, 1.0), f"downloading {what}: {self.desc or ''}".strip())
+            return result
+
+    return ReportingTqdm
+
+
+def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop) -> Path:
+    """Fetch (or find in the cache) a diffusers repo; offline and not cached gives a clear message."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=models_dir / "hub",
+            allow_patterns=HUB_ALLOW,
+            ignore_patterns=HUB_IGNORE,
+            tqdm_class=_tqdm_reporting(progress, repo_id),
+        )
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the models cache and the hub cannot be reached (offline). Either "
+            f"connect once so it downloads, or put its diffusers folder at {models_dir / repo_id.split('/')[-1]} "
+            "(or a .safetensors checkpoint anywhere and give its path), or start the app with --demo."
+        ) from None
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelNotFoundError(f"the hub has no accessible repo {repo_id!r}: {exc.__class__.__name__}") from None
+    except OSError as exc:  # network failures surface as OSError subclasses
+        raise ModelNotFoundError(f"could not download {repo_id}: {exc}") from None
+    return Path(folder)
+
+
+def local_copy_of(source: ModelSource, models_dir: Path) -> ModelSource | None:
+    """A catalog/hub model the user placed in the models cache by hand: models/<name>[.safetensors]."""
+    for candidate in (models_dir / source.name, models_dir / source.location.split("/")[-1]):
+        if (candidate / "model_index.json").is_file():
+            return ModelSource(source.name, source.family, "folder", str(candidate), source.vae, None, source.defaults)
+        single = candidate.with_name(candidate.name + ".safetensors")
+        if single.is_file():
+            return ModelSource(source.name, source.family, "single_file", str(single), source.vae, None, source.defaults)
+    return None
+
+
+def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noop) -> ModelSource:
+    """Turn hub and demo sources into local folders/files (downloading or building them)."""
+    if source.kind == "demo":
+        from studio.models.demo import ensure_demo_sdxl
+
+        progress(None, "building the demo model (first use only)")
+        demo = ensure_demo_sdxl(models_dir)
+        if source.location == "sdxl-single-file":
+            return ModelSource(source.name, source.family, "single_file", str(demo.single_file), source.vae,
+                               str(demo.folder), source.defaults, True)
+        return ModelSource(source.name, source.family, "folder", str(demo.folder), source.vae, None, source.defaults, True)
+    if source.kind == "hub":
+        local = local_copy_of(source, models_dir)
+        if local is not None:
+            return local
+        folder = download_from_hub(source.location, models_dir, progress)
+        return ModelSource(source.name, source.family, "folder", str(folder), source.vae, None, source.defaults)
+    return source
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail early, and clearly, on a file that is not a readable safetensors file."""
+    check_not_pickle(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise UnsafeCheckpointError(f"{path.name} is a pickle file renamed to .safetensors; refusing to load it.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # safetensors raises its own error types for every header problem
+        raise ModelNotFoundError(f"{path.name} is not a valid safetensors file ({exc}); re-download it.") from None
+
+
+def _check_pipeline_class(folder: Path, family: str) -> None:
+    index = json.loads((folder / "model_index.json").read_text())
+    expected = PIPELINE_CLASSES[family]
+    found = index.get("_class_name", "?")
+    if found != expected:
+        raise ModelNotFoundError(
+            f"{folder.name} is a {found}; this model family needs a {expected} (an SDXL model such as "
+            "Animagine XL 3.1)."
+        )
+
+
+def _load_vae(reference: str, dtype):
+    from diffusers import AutoencoderKL
+
+    path = Path(reference)
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
+        return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+    return AutoencoderKL.from_pretrained(reference, torch_dtype=dtype, use_safetensors=True)
+
+
+def load_sdxl(source: ModelSource, dtype, progress: Progress = _noop) -> LoadedModel:
+    """Load a materialized (folder or single-file) SDXL source into RAM."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from studio.models.vram import pipeline_bytes
+
+    extra = {"vae": _load_vae(source.vae, dtype)} if source.vae else {}
+    progress(None, f"loading {source.name}")
+    if source.kind == "folder":
+        folder = Path(source.location)
+        _check_pipeline_class(folder, source.family)
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **extra)
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    elif source.kind == "single_file":
+        weights = Path(source.location)
+        check_safetensors(weights)
+        config = {"config": source.config} if source.config else {}
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(str(weights), torch_dtype=dtype, **config, **extra)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"could not load {weights.name} as an SDXL checkpoint: {exc}. Offline, diffusers needs the "
+                "SDXL configs once; load any SDXL diffusers model online first, or use a diffusers folder."
+            ) from None
+    else:
+        raise ValueError(f"source {source.kind} must be materialized before loading")
+    pipe.set_progress_bar_config(disable=True)
+    total, largest = pipeline_bytes(pipe)
+    return LoadedModel(pipe, total, largest, weights if weights.is_file() else None)
+
+
+LOADERS = {"sdxl": load_sdxl}
+
+
+def load_model(source: ModelSource, models_dir: Path, dtype, progress: Progress = _noop) -> LoadedModel:
+    local = materialize(source, models_dir, progress)
+    try:
+        loader = LOADERS[local.family]
+    except KeyError:
+        raise ModelNotFoundError(f"no loader for model family {local.family!r}") from None
+    return loader(local, dtype, progress)

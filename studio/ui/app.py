@@ -1,0 +1,40 @@
+"""The whole Gradio app: header, the model status panel and one tab per step."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.context import AppContext
+from studio.ui import generate_tab, status
+
+CSS_FILE = "assets/studio.css"
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="Anime LoRA Studio", analytics_enabled=False) as app:
+        gr.Markdown("# Anime LoRA Studio" + (" · demo mode (tiny random-weight models)" if ctx.settings.demo else ""))
+        status.build_and_wire(ctx)
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                tab = generate_tab.build(ctx)
+        generate_tab.wire(ctx, tab)
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def launch(app: gr.Blocks, ctx: AppContext, *, block: bool = True):
+    settings = ctx.settings
+    from pathlib import Path
+
+    css = Path(__file__).resolve().parents[2] / CSS_FILE
+    return app.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        auth=settings.auth,
+        allowed_paths=[str(settings.workspace)],
+        prevent_thread_lock=not block,
+        css_paths=[css] if css.is_file() else None,
+        footer_links=["api", "gradio"],
+        show_error=True,
+    )

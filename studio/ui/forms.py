@@ -1,0 +1,101 @@
+"""Form values <-> config dicts, and workspace path checks. Pure functions, tested without a
+browser. Gradio passes inputs positionally; each tab declares its field names once and zips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.errors import ConfigError
+
+LORA_SLOTS = 4
+
+GENERATE_FIELDS: tuple[str, ...] = (
+    "prompt",  # first: the API's one required input
+    "negative_prompt",
+    "model",
+    "vae",
+    "width",
+    "height",
+    "steps",
+    "cfg_scale",
+    "sampler",
+    "seed",
+    "batch_size",
+    "batch_count",
+    "quality_tags",
+    "aesthetic",
+    "year",
+    "rating",
+    "default_negative",
+    *(name for i in range(1, LORA_SLOTS + 1) for name in (f"lora_{i}", f"lora_{i}_weight")),
+    "hires",
+    "hires_scale",
+    "hires_denoise",
+    "hires_steps",
+)
+STYLE_FIELDS = ("quality_tags", "aesthetic", "year", "rating", "default_negative")
+
+
+def as_dict(names: tuple[str, ...], values: tuple) -> dict:
+    if len(names) != len(values):
+        raise ValueError(f"form has {len(values)} values for {len(names)} fields")
+    return dict(zip(names, values))
+
+
+def inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: str) -> str:
+    """A file named in the UI: a bare name found in one of `search_dirs`, or a path inside the
+    workspace. The app never reads files outside its workspace."""
+    value = value.strip()
+    for folder in search_dirs:
+        candidate = folder / value
+        if candidate.is_file():
+            return str(candidate.resolve())
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = workspace / path
+    if not inside(path, workspace):
+        raise ConfigError(f"{what} {value} is outside the workspace ({workspace}); copy it into {search_dirs[0]}")
+    return str(path)
+
+
+def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: dict) -> dict:
+    """The Generate tab's flat form as GenerateConfig fields (nested style, LoRA list, hires)."""
+    form = {k: values[k] for k in ("prompt", "negative_prompt", "model", "vae", "width", "height", "steps",
+                                   "cfg_scale", "sampler", "seed", "batch_size", "batch_count")}
+    for name in ("width", "height", "steps", "seed", "batch_size", "batch_count"):
+        if form[name] is not None:
+            form[name] = int(form[name])
+    form["model"] = model_reference(form["model"], catalog, workspace)
+    form["vae"] = model_reference(form["vae"], {}, workspace)
+    form["style"] = {name: values[name] for name in STYLE_FIELDS}
+    form["loras"] = [
+        {"path": workspace_file(values[f"lora_{i}"], [loras_dir], workspace, "LoRA"),
+         "weight": float(values[f"lora_{i}_weight"])}
+        for i in range(1, LORA_SLOTS + 1)
+        if values.get(f"lora_{i}")
+    ]
+    if values["hires"]:
+        form["hires"] = {"scale": values["hires_scale"], "denoise": values["hires_denoise"],
+                         "steps": int(values["hires_steps"])}
+    return form
+
+
+def model_reference(value: str, catalog: dict, workspace: Path) -> str:
+    """Catalog names and hub ids pass; a path must lie inside the workspace."""
+    value = (value or "").strip()
+    if not value or value in catalog:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute() or value.startswith(".") or path.suffix:
+        if not inside(path if path.is_absolute() else workspace / path, workspace):
+            raise ConfigError(f"model {value} is outside the workspace ({workspace}); put it in {workspace / 'models'}")
+        return str(path if path.is_absolute() else workspace / path)
+    return value

@@ -1,0 +1,318 @@
+"""The Generate tab: prompt builder, LoRA stack, sampler settings, hires pass, PNG Info and the
+comparison grid. Components are built first, events wired in a second pass."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from studio.context import AppContext
+from studio.errors import StudioError
+from studio.generation.generate import config_from_form, generate
+from studio.generation.grid import run_grid
+from studio.generation.infotext import infotext_to_form, parse_infotext, read_infotext
+from studio.generation.prompt import build_prompt
+from studio.generation.samplers import SAMPLERS
+from studio.jobs import Job
+from studio.schemas import AESTHETIC_TAGS, ANIMAGINE_SIZES, RATING_TAGS, YEAR_TAGS, GridConfig, PromptStyle, validate
+from studio.ui.forms import GENERATE_FIELDS, LORA_SLOTS, as_dict, generate_form, workspace_file
+from studio.ui.format import job_status_line
+
+CUSTOM = "Custom"
+SIZE_CHOICES = [f"{w}x{h}" for w, h in ANIMAGINE_SIZES] + [CUSTOM]
+AXIS_CHOICES = {"LoRA file": "lora", "LoRA weight": "lora_weight", "Seed": "seed", "CFG scale": "cfg", "Steps": "steps"}
+POLL_SECONDS = 0.25
+
+
+@dataclass
+class GenerateTab:
+    """Handles to the tab's components, for wiring and for tests."""
+
+    fields: dict[str, gr.components.Component] = field(default_factory=dict)
+    components: dict[str, gr.components.Component] = field(default_factory=dict)
+
+
+def lora_choices(ctx: AppContext) -> list[str]:
+    folder = ctx.settings.loras_dir
+    return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def model_defaults(ctx: AppContext) -> dict:
+    entry = ctx.manager.catalog.get(ctx.settings.default_model)
+    return dict(entry.defaults) if entry else {}
+
+
+# -- building ------------------------------------------------------------------------------------
+def build(ctx: AppContext) -> GenerateTab:
+    tab = GenerateTab()
+    f, c = tab.fields, tab.components
+    defaults = model_defaults(ctx)
+    size = f"{defaults.get('width', 1024)}x{defaults.get('height', 1024)}"
+    with gr.Row():
+        with gr.Column(scale=3):
+            f["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="1girl, hatsune miku, vocaloid, solo, smile",
+                                     elem_id="gen-prompt")
+            f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+            with gr.Accordion("Prompt builder: Animagine XL 3.1 special tags", open=False):
+                with gr.Row():
+                    f["quality_tags"] = gr.Checkbox(True, label="Quality tags (masterpiece, best quality, ...)")
+                    f["default_negative"] = gr.Checkbox(True, label="Model's negative prompt")
+                with gr.Row():
+                    f["aesthetic"] = gr.Dropdown(["", *AESTHETIC_TAGS], value="", label="Aesthetic")
+                    f["year"] = gr.Dropdown(["", *YEAR_TAGS], value="", label="Year")
+                    f["rating"] = gr.Dropdown(["", *RATING_TAGS], value="", label="Rating")
+                c["final_prompt"] = gr.Textbox(label="Final prompt", interactive=False, lines=2)
+                c["final_negative"] = gr.Textbox(label="Final negative prompt", interactive=False, lines=2)
+            with gr.Row():
+                f["model"] = gr.Dropdown(list(ctx.manager.catalog), value=ctx.settings.default_model, label="Model",
+                                         allow_custom_value=True, info="catalog name, hub id, or a path in the workspace")
+                c["size"] = gr.Dropdown(SIZE_CHOICES, value=size if size in SIZE_CHOICES else CUSTOM, label="Size")
+            with gr.Row():
+                f["width"] = gr.Slider(256, 2048, value=defaults.get("width", 1024), step=8, label="Width")
+                f["height"] = gr.Slider(256, 2048, value=defaults.get("height", 1024), step=8, label="Height")
+            with gr.Row():
+                f["sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults.get("sampler", "Euler a"), label="Sampler")
+                f["steps"] = gr.Slider(1, 100, value=defaults.get("steps", 28), step=1, label="Steps")
+                f["cfg_scale"] = gr.Slider(1, 15, value=defaults.get("cfg_scale", 6.0), step=0.5, label="CFG scale")
+            with gr.Row():
+                f["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                f["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                f["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+            with gr.Accordion("LoRA stack", open=False):
+                choices = lora_choices(ctx)
+                for i in range(1, LORA_SLOTS + 1):
+                    with gr.Row():
+                        f[f"lora_{i}"] = gr.Dropdown(["", *choices], value="", label=f"LoRA {i}", allow_custom_value=True,
+                                                     scale=3)
+                        f[f"lora_{i}_weight"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
+                with gr.Row():
+                    c["lora_upload"] = gr.File(label="Add a LoRA (.safetensors) to workspace/loras",
+                                               file_types=[".safetensors"], scale=3)
+                    c["lora_refresh"] = gr.Button("Refresh list", scale=1)
+            with gr.Accordion("Hires pass", open=False):
+                f["hires"] = gr.Checkbox(False, label="Enable (upscale, then img2img)")
+                with gr.Row():
+                    f["hires_scale"] = gr.Slider(1.05, 4, value=1.5, step=0.05, label="Upscale by")
+                    f["hires_denoise"] = gr.Slider(0.05, 1, value=0.55, step=0.05, label="Denoising strength")
+                    f["hires_steps"] = gr.Slider(1, 100, value=15, step=1, label="Hires steps")
+            with gr.Accordion("Advanced", open=False):
+                f["vae"] = gr.Textbox("", label="Separate VAE (optional)", info="e.g. an fp16-fix VAE in workspace/models")
+        with gr.Column(scale=4):
+            with gr.Row():
+                c["generate"] = gr.Button("Generate", variant="primary", elem_id="gen-button", scale=3)
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id="gen-stop", scale=1)
+            c["status"] = gr.Markdown("", elem_id="gen-status")
+            c["gallery"] = gr.Gallery(label="This session's images", columns=3, height=520, elem_id="gen-gallery",
+                                      format="png")
+            c["infotext"] = gr.Textbox(label="Parameters (infotext) of the selected image", lines=4,
+                                       interactive=False, buttons=["copy"])
+    with gr.Accordion("PNG Info: read the parameters of any image", open=False):
+        with gr.Row():
+            c["png_file"] = gr.File(label="Drop a PNG made by the studio, A1111, Forge or ComfyUI", file_types=["image"])
+            c["png_text"] = gr.Textbox(label="Parameters", lines=6, interactive=False)
+        c["png_send"] = gr.Button("Send to the form")
+    with gr.Accordion("Comparison grid (X/Y plot): pick an epoch and a weight", open=False):
+        with gr.Row():
+            c["x_kind"] = gr.Dropdown(list(AXIS_CHOICES), value="LoRA file", label="X axis")
+            c["x_values"] = gr.Textbox(label="X values (comma separated; LoRA file names from workspace/loras)")
+        with gr.Row():
+            c["y_kind"] = gr.Dropdown(["", *AXIS_CHOICES], value="LoRA weight", label="Y axis")
+            c["y_values"] = gr.Textbox("0.6, 0.8, 1.0", label="Y values")
+        c["grid_button"] = gr.Button("Make grid")
+        c["grid_image"] = gr.Image(label="Grid", type="filepath", format="png", interactive=False)
+    c["session_images"] = gr.State([])
+    c["api_gallery"] = gr.Gallery(visible=False, format="png")
+    c["api_button"] = gr.Button(visible=False)
+    return tab
+
+
+# -- handlers ------------------------------------------------------------------------------------
+def _config(ctx: AppContext, values: tuple):
+    form = generate_form(as_dict(GENERATE_FIELDS, values), loras_dir=ctx.settings.loras_dir,
+                         workspace=ctx.settings.workspace, catalog=ctx.manager.catalog)
+    return config_from_form(form, ctx.manager, ctx.settings.default_model)
+
+
+def _start_generation(ctx: AppContext, values: tuple) -> Job:
+    try:
+        config = _config(ctx, values)
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+    run = ctx.gpu_function(generate)
+
+    def work(job: Job):
+        return run(ctx.manager, config, outputs_dir=ctx.settings.outputs_dir,
+                   default_model=ctx.settings.default_model, report=job.report, stop=job.stop_event)
+
+    return ctx.jobs.start("generate", work)
+
+
+def _finish(job: Job):
+    """The job's result, or a gr.Error carrying its message."""
+    if job.state == "failed":
+        raise gr.Error(job.error or "generation failed")
+    for warning in getattr(job.result, "warnings", []):
+        gr.Warning(warning)
+    return job.result
+
+
+def on_generate(ctx: AppContext, session: list, *values):
+    """UI handler: streams progress while the job runs, then shows the session's images."""
+    job = _start_generation(ctx, values)
+    while job.running:
+        yield gr.skip(), job_status_line(job), gr.skip(), gr.skip()
+        time.sleep(POLL_SECONDS)
+    if job.state == "stopped":
+        yield gr.skip(), "Stopped.", gr.skip(), gr.skip()
+        return
+    result = _finish(job)
+    new = [(str(image.path), f"seed {image.seed}") for image in result.images]
+    session = new + list(session)
+    status = f"Done: {len(result.images)} image(s) in {job.elapsed:.1f}s · model {result.model}"
+    yield session, status, result.images[0].infotext if result.images else "", session
+
+
+def api_generate(ctx: AppContext, *values):
+    """The /generate API endpoint: same inputs as the form, returns the image files."""
+    job = _start_generation(ctx, values)
+    job.wait()
+    result = _finish(job)
+    if job.state == "stopped":
+        raise gr.Error("generation was stopped")
+    return [(str(image.path), f"seed {image.seed}") for image in result.images]
+
+
+def on_stop(ctx: AppContext):
+    for name in ("generate", "grid"):
+        job = ctx.jobs.latest(name)
+        if job is not None and job.running:
+            job.stop()
+    return "Stopping after the current step..."
+
+
+def on_select(evt: gr.SelectData):
+    path = evt.value["image"]["path"] if isinstance(evt.value, dict) else None
+    return (read_infotext(path) or "") if path else ""
+
+
+def on_preview(prompt, negative, quality_tags, aesthetic, year, rating, default_negative):
+    style = PromptStyle(quality_tags=quality_tags, aesthetic=aesthetic or "", year=year or "", rating=rating or "",
+                        default_negative=default_negative)
+    return build_prompt(prompt or "", negative or "", style)
+
+
+def on_size(choice: str):
+    if choice == CUSTOM:
+        return gr.skip(), gr.skip()
+    width, height = (int(v) for v in choice.split("x"))
+    return width, height
+
+
+def on_png_file(path: str | None):
+    if not path:
+        return ""
+    return read_infotext(path) or "This image carries no generation parameters."
+
+
+def png_to_form(text: str, field_names: list[str]):
+    """Fill the form from infotext; fields the text does not mention are left as they are."""
+    prompt, negative, params = parse_infotext(text or "")
+    if not params and not prompt:
+        raise gr.Error("no parameters to send: drop an image with generation parameters first")
+    values = {"prompt": prompt, "negative_prompt": negative, **infotext_to_form(params)}
+    hires = values.pop("hires", None)
+    if hires:
+        values.update(hires=True, hires_scale=hires.get("scale"), hires_denoise=hires.get("denoise"),
+                      hires_steps=hires.get("steps"))
+    return [values[name] if values.get(name) is not None else gr.skip() for name in field_names]
+
+
+def on_lora_upload(ctx: AppContext, path: str | None):
+    if path:
+        from studio.generation.lora import import_lora_file
+
+        try:
+            import_lora_file(Path(path), ctx.settings.loras_dir)
+        except StudioError as exc:
+            raise gr.Error(str(exc)) from None
+    return on_lora_refresh(ctx)
+
+
+def on_lora_refresh(ctx: AppContext):
+    choices = ["", *lora_choices(ctx)]
+    return [gr.Dropdown(choices=choices) for _ in range(LORA_SLOTS)]
+
+
+def _axis_values(ctx: AppContext, kind: str, text: str) -> list:
+    values = [v.strip() for v in (text or "").split(",") if v.strip()]
+    if kind == "lora":
+        return [workspace_file(v, [ctx.settings.loras_dir], ctx.settings.workspace, "LoRA") for v in values]
+    return values
+
+
+def on_grid(ctx: AppContext, x_kind, x_values, y_kind, y_values, *values):
+    try:
+        base = _config(ctx, values)
+        x = {"kind": AXIS_CHOICES[x_kind], "values": _axis_values(ctx, AXIS_CHOICES[x_kind], x_values)}
+        y = {"kind": AXIS_CHOICES[y_kind], "values": _axis_values(ctx, AXIS_CHOICES[y_kind], y_values)} if y_kind else None
+        grid = validate(GridConfig, {"base": base.model_dump(), "x": x, "y": y})
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
+    run = ctx.gpu_function(run_grid, duration=600)
+    job = ctx.jobs.start("grid", lambda job: run(
+        ctx.manager, grid, outputs_dir=ctx.settings.outputs_dir, default_model=ctx.settings.default_model,
+        report=job.report, stop=job.stop_event))
+    while job.running:
+        yield gr.skip(), job_status_line(job)
+        time.sleep(POLL_SECONDS)
+    if job.state == "stopped":
+        yield gr.skip(), "Grid stopped."
+        return
+    result = _finish(job)
+    yield str(result.path), f"Grid done in {job.elapsed:.1f}s: {result.path.name}"
+
+
+# -- wiring --------------------------------------------------------------------------------------
+def wire(ctx: AppContext, tab: GenerateTab) -> None:
+    f, c = tab.fields, tab.components
+    inputs = [f[name] for name in GENERATE_FIELDS]
+    c["generate"].click(
+        partial(on_generate, ctx),
+        inputs=[c["session_images"], *inputs],
+        outputs=[c["gallery"], c["status"], c["infotext"], c["session_images"]],
+        api_visibility="private",
+        concurrency_id="gpu",
+    )
+    c["api_button"].click(partial(api_generate, ctx), inputs=inputs, outputs=c["api_gallery"],
+                          api_name="generate", concurrency_id="gpu",
+                          api_description="Generate images; returns the PNG files (with A1111 infotext).")
+    c["stop"].click(lambda: on_stop(ctx), outputs=c["status"], api_name="stop", queue=False)
+    c["gallery"].select(on_select, outputs=c["infotext"], api_visibility="private")
+    preview_inputs = [f["prompt"], f["negative_prompt"], *(f[n] for n in ("quality_tags", "aesthetic", "year",
+                                                                           "rating", "default_negative"))]
+    for component in preview_inputs:
+        component.change(on_preview, inputs=preview_inputs, outputs=[c["final_prompt"], c["final_negative"]],
+                         api_visibility="private", queue=False, show_progress="hidden")
+    c["size"].change(on_size, inputs=c["size"], outputs=[f["width"], f["height"]], api_visibility="private",
+                     queue=False)
+    c["png_file"].change(on_png_file, inputs=c["png_file"], outputs=c["png_text"], api_name="png_info")
+    field_names = [n for n in GENERATE_FIELDS if n not in ("model", "vae") and not n.startswith("lora_")]
+    c["png_send"].click(lambda text: png_to_form(text, field_names), inputs=c["png_text"],
+                        outputs=[f[n] for n in field_names], api_visibility="private")
+    lora_dropdowns = [f[f"lora_{i}"] for i in range(1, LORA_SLOTS + 1)]
+    c["lora_upload"].upload(lambda path: on_lora_upload(ctx, path), inputs=c["lora_upload"], outputs=lora_dropdowns,
+                            api_visibility="private")
+    c["lora_refresh"].click(lambda: on_lora_refresh(ctx), outputs=lora_dropdowns, api_visibility="private")
+    c["grid_button"].click(
+        partial(on_grid, ctx),
+        inputs=[c["x_kind"], c["x_values"], c["y_kind"], c["y_values"], *inputs],
+        outputs=[c["grid_image"], c["status"]],
+        api_name="grid",
+        concurrency_id="gpu",
+    )
