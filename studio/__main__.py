@@ -90,12 +90,12 @@ def run_generate(args: argparse.Namespace) -> int:
     manager = ModelManager(args.workspace / "models", requested_policy=args.vram)
     config = config_from_form(generate_form(args), manager, default_model=args.model)
     out = args.out or args.workspace / "outputs"
-    with tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {postfix}", dynamic_ncols=True) as bar:
+    with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {desc}", dynamic_ncols=True) as bar:
 
         def report(fraction, message):
             if fraction is not None:
-                bar.n = int(fraction * 1000)
-            bar.set_postfix_str(message)
+                bar.n = round(fraction * 100, 1)
+            bar.set_description_str(message)
 
         result = generate(manager, config, outputs_dir=out, default_model=args.model, report=report)
     for warning in result.warnings:

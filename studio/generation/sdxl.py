@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from studio.errors import StudioError
 from studio.generation.samplers import make_scheduler
@@ -77,15 +77,6 @@ class SDXLRunner:
         return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
     @staticmethod
-    def _embeds(conditioning, n: int) -> dict[str, Any]:
-        return {
-            "prompt_embeds": conditioning.prompt_embeds.repeat(n, 1, 1),
-            "pooled_prompt_embeds": conditioning.pooled_prompt_embeds.repeat(n, 1),
-            "negative_prompt_embeds": conditioning.negative_prompt_embeds.repeat(n, 1, 1),
-            "negative_pooled_prompt_embeds": conditioning.negative_pooled_prompt_embeds.repeat(n, 1),
-        }
-
-    @staticmethod
     def _callback(counter: StepCounter) -> Callable:
         def on_step_end(pipe, step, timestep, callback_kwargs):
             counter.step()  # reports progress; raises JobStopped when Stop was pressed
@@ -96,7 +87,7 @@ class SDXLRunner:
     def txt2img(self, config: GenerateConfig, conditioning, seeds: list[int], counter: StepCounter) -> list:
         self.pipe.scheduler = make_scheduler(config.sampler, self.base_scheduler_config)
         images = self.pipe(
-            **self._embeds(conditioning, len(seeds)),
+            **conditioning.repeat(len(seeds)).pipeline_kwargs(),
             width=config.width,
             height=config.height,
             num_inference_steps=config.steps,
@@ -122,7 +113,7 @@ class SDXLRunner:
         upscaled = [image.resize(size, Image.LANCZOS) for image in images]
         asked_steps, _ = hires_pass_steps(config)
         return img2img(
-            **self._embeds(conditioning, len(seeds)),
+            **conditioning.repeat(len(seeds)).pipeline_kwargs(),
             image=upscaled,
             strength=config.hires.denoise,
             num_inference_steps=asked_steps,

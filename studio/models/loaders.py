@@ -145,10 +145,20 @@ def _load_vae(reference: str, dtype):
     return AutoencoderKL.from_pretrained(reference, torch_dtype=dtype, use_safetensors=True)
 
 
+def quiet_library_progress_bars() -> None:
+    """The studio reports loading progress itself; the libraries' own bars would only add noise."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_sdxl(source: ModelSource, dtype, progress: Progress = _noop) -> LoadedModel:
     """Load a materialized (folder or single-file) SDXL source into RAM."""
     from diffusers import StableDiffusionXLPipeline
 
+    quiet_library_progress_bars()
     from studio.models.vram import pipeline_bytes
 
     extra = {"vae": _load_vae(source.vae, dtype)} if source.vae else {}
