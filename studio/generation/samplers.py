@@ -45,6 +45,8 @@ DEFAULT_SAMPLER = "Euler a"
 
 def sampler_from_infotext(name: str, schedule_type: str = "") -> str | None:
     """Map an infotext sampler (old "DPM++ 2M Karras" or new "DPM++ 2M" + "Karras") to ours."""
+    if schedule_type == "Automatic":  # A1111 1.9+: the sampler's own default schedule
+        schedule_type = "Karras" if f"{name} Karras" in SAMPLERS and name not in SAMPLERS else ""
     for candidate in (f"{name} {schedule_type}".strip(), name):
         if candidate in SAMPLERS:
             return candidate

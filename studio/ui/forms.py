@@ -54,16 +54,16 @@ def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: s
     """A file named in the UI: a bare name found in one of `search_dirs`, or a path inside the
     workspace. The app never reads files outside its workspace."""
     value = value.strip()
-    for folder in search_dirs:
-        candidate = folder / value
-        if candidate.is_file():
-            return str(candidate.resolve())
     path = Path(value).expanduser()
+    if path.name == value:  # a bare file name: look in the usual folders
+        for folder in search_dirs:
+            if (folder / value).is_file():
+                return str((folder / value).resolve())
     if not path.is_absolute():
         path = workspace / path
     if not inside(path, workspace):
         raise ConfigError(f"{what} {value} is outside the workspace ({workspace}); copy it into {search_dirs[0]}")
-    return str(path)
+    return str(path.resolve())
 
 
 def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: dict) -> dict:

@@ -1,0 +1,52 @@
+"""Form -> config conversion and the workspace boundary for files named in the UI."""
+
+import pytest
+
+from studio.errors import ConfigError
+from studio.models.catalog import load_catalog
+from studio.schemas import GenerateConfig, validate
+from studio.ui.forms import GENERATE_FIELDS, LORA_SLOTS, as_dict, generate_form
+
+
+def form_values(**overrides):
+    values = {name: None for name in GENERATE_FIELDS}
+    values.update(prompt="1girl, solo", negative_prompt="", model="demo-sdxl", vae="", width=512.0, height=768.0,
+                  steps=8.0, cfg_scale=5, sampler="Euler a", seed=-1.0, batch_size=1, batch_count=2,
+                  quality_tags=True, aesthetic="", year="newest", rating="safe", default_negative=True,
+                  hires=False, hires_scale=1.5, hires_denoise=0.5, hires_steps=10.0)
+    for i in range(1, LORA_SLOTS + 1):
+        values[f"lora_{i}"], values[f"lora_{i}_weight"] = "", 1.0
+    values.update(overrides)
+    return values
+
+
+def convert(values, workspace):
+    return generate_form(values, loras_dir=workspace / "loras", workspace=workspace, catalog=load_catalog())
+
+
+def test_prompt_is_the_first_field_for_the_api():
+    assert GENERATE_FIELDS[0] == "prompt"
+    assert len(set(GENERATE_FIELDS)) == len(GENERATE_FIELDS)
+
+
+def test_form_becomes_a_valid_config(tmp_path):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(b"x")
+    values = form_values(lora_2="style.safetensors", lora_2_weight=0.7, hires=True)
+    config = validate(GenerateConfig, convert(values, tmp_path))
+    assert (config.width, config.height, config.steps, config.batch_count) == (512, 768, 8, 2)
+    assert config.style.year == "newest" and config.style.rating == "safe"
+    assert [(lora.weight, lora.path.endswith("style.safetensors")) for lora in config.loras] == [(0.7, True)]
+    assert config.hires is not None and config.hires.steps == 10
+
+
+def test_files_outside_the_workspace_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="outside the workspace"):
+        convert(form_values(lora_1="/etc/passwd"), tmp_path)
+    with pytest.raises(ConfigError, match="outside the workspace"):
+        convert(form_values(model="../elsewhere/model.safetensors"), tmp_path)
+
+
+def test_as_dict_refuses_a_mismatched_form():
+    with pytest.raises(ValueError):
+        as_dict(GENERATE_FIELDS, ("only one",))
