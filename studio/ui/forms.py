@@ -3,6 +3,9 @@ browser. Gradio passes inputs positionally; each tab declares its field names on
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 from studio.errors import ConfigError
@@ -40,6 +43,22 @@ def as_dict(names: tuple[str, ...], values: tuple) -> dict:
     if len(names) != len(values):
         raise ValueError(f"form has {len(values)} values for {len(names)} fields")
     return dict(zip(names, values))
+
+
+def named_parameters(fn: Callable, names: tuple[str, ...], required: tuple[str, ...] = ()) -> Callable:
+    """`fn(*values)` with a signature of named parameters, so the API documents each input by its
+    form name (`prompt`, `steps`, ...) rather than `param_3`. Gradio takes the defaults from the
+    components' initial values; only `required` names have none."""
+
+    @functools.wraps(fn)
+    def wrapper(*values):
+        return fn(*values)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    wrapper.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, kind, **({} if name in required else {"default": None})) for name in names]
+    )
+    return wrapper
 
 
 def inside(path: Path, root: Path) -> bool:

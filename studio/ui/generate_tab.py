@@ -19,7 +19,7 @@ from studio.generation.prompt import build_prompt
 from studio.generation.samplers import SAMPLERS
 from studio.jobs import Job
 from studio.schemas import AESTHETIC_TAGS, ANIMAGINE_SIZES, RATING_TAGS, YEAR_TAGS, GridConfig, PromptStyle, validate
-from studio.ui.forms import GENERATE_FIELDS, LORA_SLOTS, as_dict, generate_form, workspace_file
+from studio.ui.forms import GENERATE_FIELDS, LORA_SLOTS, as_dict, generate_form, named_parameters, workspace_file
 from studio.ui.format import job_status_line
 
 CUSTOM = "Custom"
@@ -56,7 +56,7 @@ def build(ctx: AppContext) -> GenerateTab:
         with gr.Column(scale=3):
             f["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="1girl, hatsune miku, vocaloid, solo, smile",
                                      elem_id="gen-prompt")
-            f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+            f["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id="gen-negative")
             with gr.Accordion("Prompt builder: Animagine XL 3.1 special tags", open=False):
                 with gr.Row():
                     f["quality_tags"] = gr.Checkbox(True, label="Quality tags (masterpiece, best quality, ...)")
@@ -289,7 +289,8 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
         api_visibility="private",
         concurrency_id="gpu",
     )
-    c["api_button"].click(partial(api_generate, ctx), inputs=inputs, outputs=c["api_gallery"],
+    c["api_button"].click(named_parameters(partial(api_generate, ctx), GENERATE_FIELDS, required=("prompt",)),
+                          inputs=inputs, outputs=c["api_gallery"],
                           api_name="generate", concurrency_id="gpu",
                           api_description="Generate images; returns the PNG files (with A1111 infotext).")
     c["stop"].click(lambda: on_stop(ctx), outputs=c["status"], api_name="stop", queue=False)
