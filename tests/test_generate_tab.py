@@ -1,0 +1,44 @@
+"""Generate-tab handlers that need no browser: PNG Info back into the form, prompt preview, sizes."""
+
+import gradio as gr
+import pytest
+
+from studio.generation.infotext import format_infotext
+from studio.ui.forms import GENERATE_FIELDS
+from studio.ui.generate_tab import on_preview, on_size, png_to_form
+
+FIELDS = [n for n in GENERATE_FIELDS if n not in ("model", "vae") and not n.startswith("lora_")]
+
+
+def test_png_info_fills_the_form_and_leaves_unknown_fields_alone():
+    text = format_infotext(
+        "1girl, hatsune miku \\(cosplay\\), (smile:1.2)\nsecond line",
+        "lowres, text",
+        {"Steps": 30, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 6.5, "Seed": 77,
+         "Size": "832x1216", "Model": "animagine-xl-3.1", "Denoising strength": 0.4, "Hires upscale": 1.5,
+         "Hires steps": 12},
+    )
+    values = dict(zip(FIELDS, png_to_form(text, FIELDS)))
+    assert values["prompt"] == "1girl, hatsune miku \\(cosplay\\), (smile:1.2)\nsecond line"
+    assert values["negative_prompt"] == "lowres, text"
+    assert (values["steps"], values["cfg_scale"], values["seed"]) == (30, 6.5, 77)
+    assert (values["width"], values["height"], values["sampler"]) == (832, 1216, "DPM++ 2M Karras")
+    assert values["hires"] is True and values["hires_scale"] == 1.5 and values["hires_denoise"] == 0.4
+    assert isinstance(values["batch_size"], type(gr.skip())), "fields the text lacks stay as they are"
+
+
+def test_png_info_without_parameters_is_refused():
+    with pytest.raises(gr.Error):
+        png_to_form("", FIELDS)
+
+
+def test_preview_shows_the_final_prompt():
+    positive, negative = on_preview("1girl", "", True, "", "newest", "safe", True)
+    assert positive == "1girl, safe, newest, masterpiece, best quality, very aesthetic, absurdres"
+    assert negative.startswith("nsfw, lowres")
+    assert on_preview("1girl", "bad", False, "", "", "", False) == ("1girl", "bad")
+
+
+def test_size_presets_set_width_and_height():
+    assert on_size("832x1216") == (832, 1216)
+    assert all(isinstance(v, type(gr.skip())) for v in on_size("Custom"))
