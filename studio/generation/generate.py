@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from studio import __version__
-from studio.errors import JobStopped, StudioError
+from studio.errors import JobStopped, LoraError
 from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_png
 from studio.generation.prompt import build_prompt
 from studio.generation.samplers import SAMPLERS
@@ -160,4 +160,4 @@ def check_can_generate(config: GenerateConfig) -> None:
     """Cheap checks before any model loads, so bad input fails in milliseconds."""
     for spec in config.loras:
         if not Path(spec.path).is_file():
-            raise StudioError(f"LoRA file not found: {spec.path}")
+            raise LoraError(f"LoRA file not found: {spec.path}")
