@@ -1,0 +1,354 @@
+"""The LoRA stack of one diffusers SDXL pipeline: which LoRA files are active, at what weight.
+
+`LoraStack.apply(specs)` makes the pipeline's adapters match a list of LoraSpec (path + weight):
+each file is checked first (exists, is safetensors, is for this model family), loaded once as a
+named adapter (reloaded when the file changes on disk), verified to have landed on this model's
+layers, and weighted with `set_adapters`. Adapters no longer listed are deleted; an empty stack
+removes every LoRA layer, which restores the base model's output exactly.
+
+diffusers drops the DoRA magnitudes (`dora_scale`) of kohya files with only a log warning, which
+would silently turn a DoRA into a different plain LoRA. Such files are converted here into the
+peft layout diffusers does load (`lora_magnitude_vector`), with kohya's alpha / rank baked in.
+
+Importing this module does no work; torch and diffusers are used only through the pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.errors import LoraError
+from studio.models.lora_format import (
+    KOHYA_PREFIXES,
+    LoraInfo,
+    check_lora_path,
+    diffusers_to_sgm_unet_name,
+    inspect_lora,
+    kohya_lora_name,
+    text_encoder_kohya_path,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from studio.schemas import LoraSpec
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FAMILY_LABELS = {
+    "sdxl": "SDXL (Animagine XL, Pony, Illustrious, ...)",
+    "sd1": "Stable Diffusion 1.x",
+    "sd2": "Stable Diffusion 2.x",
+    "anima": "Anima",
+    "flux": "Flux",
+}
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """One active LoRA, as infotext records it (`Lora hashes: "name: hash"`)."""
+
+    name: str  # the file's stem, as A1111 names LoRAs
+    path: Path
+    weight: float
+    lora_hash: str  # first 12 hex of the file's hash (see studio.generation.infotext.lora_hash)
+    adapter_name: str
+
+    @property
+    def hash(self) -> str:
+        return self.lora_hash
+
+
+@dataclass
+class _Adapter:
+    """A file loaded into the pipeline under `adapter_name`, and the file version it came from."""
+
+    adapter_name: str
+    path: Path
+    version: tuple[int, int]  # (size, mtime_ns): a changed file is reloaded
+    info: LoraInfo
+    lora_hash: str  # of the version loaded, for infotext
+
+
+class LoraStack:
+    """The LoRA adapters of one pipeline. Not thread-safe: the GPU lane runs one job at a time."""
+
+    def __init__(self, pipe: Any, family: str = "sdxl"):
+        self.pipe = pipe
+        self.family = family
+        self._loaded: dict[Path, _Adapter] = {}
+        self._active: list[tuple[_Adapter, float]] = []
+        self._counter = 0
+
+    # -- public --------------------------------------------------------------------------------
+    def apply(self, specs: Sequence[LoraSpec]) -> list[str]:
+        """Make the pipeline's LoRAs exactly `specs`; returns warnings for the user (may be empty).
+
+        Every file is checked before the pipeline is touched; if a load fails, the LoRAs
+        that were active before stay active and the error says which file and why.
+        """
+        # 1. Check every file: exists, safetensors, this model family, listed once.
+        wanted = [(self._check(spec.path), spec.weight) for spec in specs]
+        seen: set[Path] = set()
+        for (path, _info), _weight in wanted:
+            if path in seen:
+                raise LoraError(f"{path.name} is in the LoRA list twice: list it once and set its weight")
+            seen.add(path)
+
+        # 2. Load what is new or changed on disk; on failure roll back to the previous stack.
+        user_warnings: list[str] = []
+        fresh: list[_Adapter] = []
+        stack: list[tuple[_Adapter, float]] = []
+        try:
+            for (path, info), weight in wanted:
+                adapter = self._loaded.get(path)
+                if adapter is None or adapter.version != _file_version(path):
+                    adapter = self._load(path, info, user_warnings)
+                    fresh.append(adapter)
+                stack.append((adapter, weight))
+        except LoraError:
+            for adapter in fresh:
+                self._delete(adapter.adapter_name)
+            self._activate(self._active)
+            raise
+
+        # 3. Delete adapters that are no longer listed (or whose file was replaced).
+        keep = {adapter.adapter_name for adapter, _ in stack}
+        for path, adapter in list(self._loaded.items()):
+            if adapter.adapter_name not in keep:
+                self._delete(adapter.adapter_name)
+                del self._loaded[path]
+        for adapter in fresh:
+            self._loaded[adapter.path] = adapter
+
+        # 4. Weight the stack, or remove every LoRA layer when it is empty.
+        self._activate(stack)
+        self._active = stack
+        return user_warnings
+
+    def clear(self) -> None:
+        """Remove every LoRA: the pipeline computes exactly what the base model does."""
+        self.apply([])
+
+    def applied(self) -> list[AppliedLora]:
+        """The active LoRAs in stack order, each with its infotext hash."""
+        return [
+            AppliedLora(adapter.path.stem, adapter.path, weight, adapter.lora_hash, adapter.adapter_name)
+            for adapter, weight in self._active
+        ]
+
+    # -- checking ------------------------------------------------------------------------------
+    def _check(self, path_text: str) -> tuple[Path, LoraInfo]:
+        path = check_lora_path(path_text).resolve()
+        info = inspect_lora(path)
+        if info.family not in (self.family, "unknown"):
+            raise LoraError(
+                f"{path.name} is a {FAMILY_LABELS.get(info.family, info.family)} LoRA, but this model is "
+                f"{FAMILY_LABELS.get(self.family, self.family)}: pick a LoRA trained for this model"
+            )
+        if info.format == "lycoris":
+            raise LoraError(
+                f"{path.name} is a LyCORIS (LoHa/LoKr/OFT) file; only LoRA files (lora_down/lora_up or "
+                "lora_A/lora_B) can be loaded into SDXL here"
+            )
+        if info.modules == 0:
+            raise LoraError(f"{path.name} holds no lora_down/lora_A weights: it is not a LoRA file")
+        return path, info
+
+    # -- loading -------------------------------------------------------------------------------
+    def _load(self, path: Path, info: LoraInfo, user_warnings: list[str]) -> _Adapter:
+        self._counter += 1
+        adapter_name = f"lora{self._counter}_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)[:40]}"
+        version = _file_version(path)
+        source: Any = str(path)
+        if info.has_dora and info.format == "kohya":
+            source = _kohya_dora_to_diffusers(self.pipe, path)
+        no_match = LoraError(
+            f"{path.name} matches none of this model's layers; it changes nothing "
+            "(is it for another model, or saved with layer names this loader does not know?)"
+        )
+        try:
+            with _quiet_expected_peft_warnings():
+                self.pipe.load_lora_weights(source, adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            from peft import NoMatchingPeftModuleError
+
+            self._delete(adapter_name)
+            if isinstance(exc, NoMatchingPeftModuleError):
+                raise no_match from exc
+            raise LoraError(
+                f"{path.name} could not be loaded into this model ({_first_line(exc)}); it may be for "
+                "another model or use layer names diffusers does not understand"
+            ) from exc
+
+        self._detach_from_file(adapter_name)
+        landed = self._count_layers(adapter_name)
+        if landed == 0:
+            self._delete(adapter_name)
+            raise no_match
+        if landed < info.modules:
+            user_warnings.append(
+                f"{path.name}: only {landed} of its {info.modules} layers match this model; "
+                "the rest are ignored, so it may not look as intended"
+            )
+        if not info.has_dora and self._all_up_weights_zero(adapter_name):
+            user_warnings.append(
+                f"{path.name}: all its up weights are zero, so it changes nothing (an untrained LoRA?)"
+            )
+        return _Adapter(adapter_name, path, version, info, _lora_hash(path))
+
+    def _tuner_layers(self, adapter_name: str):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for component in LORA_COMPONENTS:
+            model = getattr(self.pipe, component, None)
+            if model is None:
+                continue
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {}):
+                    yield module
+
+    def _detach_from_file(self, adapter_name: str) -> None:
+        """Give the adapter's CPU tensors their own memory. safetensors memory-maps the file and
+        peft adopts those tensors as they are, so a file rewritten in place (a copy over it, a
+        trainer saving the same name) would crash the process (SIGBUS) at the next generation."""
+        for layer in self._tuner_layers(adapter_name):
+            for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                container = getattr(layer, part, None)
+                if container is None or adapter_name not in container:
+                    continue
+                for param in container[adapter_name].parameters():
+                    if param.device.type == "cpu":
+                        param.data = param.data.clone()
+
+    def _count_layers(self, adapter_name: str) -> int:
+        return sum(1 for _ in self._tuner_layers(adapter_name))
+
+    def _all_up_weights_zero(self, adapter_name: str) -> bool:
+        layers = self._tuner_layers(adapter_name)
+        return not any(bool(layer.lora_B[adapter_name].weight.detach().any()) for layer in layers)
+
+    # -- adapters ------------------------------------------------------------------------------
+    def _adapter_names(self) -> set[str]:
+        names: set[str] = set()
+        for component_adapters in self.pipe.get_list_adapters().values():
+            names.update(component_adapters)
+        return names
+
+    def _delete(self, adapter_name: str) -> None:
+        if adapter_name in self._adapter_names():
+            with _quiet_expected_peft_warnings():
+                self.pipe.delete_adapters(adapter_name)
+
+    def _activate(self, stack: list[tuple[_Adapter, float]]) -> None:
+        if stack:
+            self.pipe.set_adapters([a.adapter_name for a, _ in stack], [float(w) for _, w in stack])
+        elif self._has_lora_layers():
+            self.pipe.unload_lora_weights()  # removes the peft layers: base output, bit for bit
+
+    def _has_lora_layers(self) -> bool:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(
+            isinstance(module, BaseTunerLayer)
+            for component in LORA_COMPONENTS
+            if getattr(self.pipe, component, None) is not None
+            for module in getattr(self.pipe, component).modules()
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def _file_version(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+_EXPECTED_PEFT_WARNINGS = (
+    "Already found a `peft_config` attribute",  # a second adapter on one model
+    "Adapter .* was active which is now deleted",  # deleting a LoRA that left the stack
+)
+
+
+@contextmanager
+def _quiet_expected_peft_warnings() -> Iterator[None]:
+    """peft warns about what a stack does on purpose: a second adapter on one model, deleting
+    the active adapter. Only those two messages are silenced."""
+    with warnings.catch_warnings():
+        for message in _EXPECTED_PEFT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _lora_hash(path: Path) -> str:
+    from studio.generation.infotext import lora_hash
+
+    return lora_hash(path)
+
+
+def _kohya_module_names(pipe: Any) -> dict[str, tuple[str, str]]:
+    """{kohya lora name: (component, diffusers module path)} for every Linear/Conv2d the
+    pipeline has, using the same naming as `save_kohya_lora`."""
+    import torch
+
+    layers_per_block = pipe.unet.config.layers_per_block
+    names: dict[str, tuple[str, str]] = {}
+    for component in LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for module_path, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in module_path:
+                continue
+            module_path = module_path.removesuffix(".base_layer")
+            prefix = KOHYA_PREFIXES[component]
+            if component == "unet":
+                names[kohya_lora_name(prefix, module_path)] = (component, module_path)  # diffusers-named
+                try:
+                    kohya_path = diffusers_to_sgm_unet_name(module_path, layers_per_block=layers_per_block)
+                except LoraError:
+                    continue
+            else:
+                kohya_path = text_encoder_kohya_path(module_path)
+            names[kohya_lora_name(prefix, kohya_path)] = (component, module_path)
+    return names
+
+
+def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
+    """A kohya DoRA file as the peft-layout dict diffusers loads with its magnitudes:
+    `{component}.{module}.lora_A.weight` / `lora_B.weight` (alpha / rank baked into B) /
+    `lora_magnitude_vector` (peft's shape: [out] for Linear, [1, out, 1, 1] for Conv2d)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    targets = _kohya_module_names(pipe)
+    converted = {}
+    for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+        lora_name = key.removesuffix(".lora_down.weight")
+        if lora_name not in targets:
+            continue  # not on this model: counted as unmatched after loading
+        component, module_path = targets[lora_name]
+        down, up = tensors[key], tensors.get(f"{lora_name}.lora_up.weight")
+        if up is None:
+            raise LoraError(f"{path.name} is corrupt: {lora_name} has a lora_down weight but no lora_up")
+        alpha = tensors.get(f"{lora_name}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        prefix = f"{component}.{module_path}"
+        converted[f"{prefix}.lora_A.weight"] = down
+        converted[f"{prefix}.lora_B.weight"] = up * scale
+        magnitude = tensors.get(f"{lora_name}.dora_scale")
+        if magnitude is not None:
+            shape = (1, -1, 1, 1) if down.dim() == 4 else (-1,)
+            converted[f"{prefix}.lora_magnitude_vector"] = magnitude.reshape(shape)
+    if not converted:
+        raise LoraError(f"{path.name} matches none of this model's layers; it changes nothing")
+    return converted
