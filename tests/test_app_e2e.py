@@ -63,3 +63,23 @@ def test_bad_input_gets_a_specific_message_and_the_app_keeps_serving(client, kwa
     with pytest.raises(AppError, match=message):
         client.predict("1girl", api_name="/generate", **kwargs)
     assert client.predict("1girl", api_name="/generate", steps=1, width=256, height=256)
+
+
+def test_lora_from_the_workspace_changes_the_image_and_grid_endpoint(client, app_server):
+    from studio.generation.infotext import parse_lora_hashes
+    from tests.lora_fixtures import write_demo_kohya_lora
+
+    loras = app_server.workspace / "loras"
+    write_demo_kohya_lora(loras / "style-e1.safetensors", seed=1)
+    write_demo_kohya_lora(loras / "style-e2.safetensors", seed=2)
+    small = {"seed": 5, "steps": 2, "width": 256, "height": 256}
+    base = client.predict("1girl", api_name="/generate", **small)[0]["image"]
+    styled = client.predict("1girl", api_name="/generate", lora_1="style-e1.safetensors", lora_1_weight=0.8, **small)
+    assert np.abs(np.asarray(Image.open(base), dtype=np.int16)
+                  - np.asarray(Image.open(styled[0]["image"]), dtype=np.int16)).max() > 10
+    params = parse_infotext(read_infotext(styled[0]["image"]))[2]
+    assert list(parse_lora_hashes(params["Lora hashes"])) == ["style-e1"]
+    grid_path, status = client.predict("LoRA file", "style-e1.safetensors, style-e2.safetensors", "LoRA weight",
+                                       "0.5, 1.0", "1girl", api_name="/grid", **small)
+    grid = Image.open(grid_path)
+    assert grid.width > 512 and grid.height > 512 and "Grid done" in status

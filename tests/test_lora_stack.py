@@ -17,6 +17,7 @@ import pytest
 from studio.errors import LoraError, UnsafeCheckpointError
 from studio.models import lora_format as lf
 from studio.schemas import LoraSpec
+from tests.lora_fixtures import add_random_lora
 
 PROMPT = "1girl, solo, hatsune miku, smile"
 NEGATIVE = "lowres, worst quality"
@@ -41,27 +42,6 @@ def generate(pipe, seed: int = 0) -> np.ndarray:
     ).images
 
 
-def _train_like(pipe, components: dict[str, dict], seed: int, b_std: float = 0.02) -> dict[str, dict]:
-    """Add a peft LoRA to each named component with random non-zero lora_B (an untrained LoRA
-    changes nothing); returns each component's peft state dict."""
-    import torch
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    state_dicts = {}
-    for component, options in components.items():
-        model = getattr(pipe, component)
-        model.add_adapter(LoraConfig(init_lora_weights="gaussian", **options), adapter_name="trained")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, b_std)
-                if "lora_magnitude_vector" in name:
-                    param.mul_(1.2)
-        state_dicts[component] = get_peft_model_state_dict(model, adapter_name="trained")
-    return state_dicts
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     """LoRA files A (kohya, UNet + both text encoders), B (diffusers format, UNet + CLIP-L) and
@@ -75,7 +55,7 @@ def fixtures(tmp_path_factory):
 
     # A: kohya, rank 4, lora_alpha 8 (!= rank, so a wrong alpha shows), every Linear/Conv target
     trainer = build_demo_sdxl_pipeline(0)
-    sds = _train_like(
+    sds = add_random_lora(
         trainer,
         {
             "unet": {"r": 4, "lora_alpha": 8, "target_modules": UNET_TARGETS},
@@ -90,7 +70,7 @@ def fixtures(tmp_path_factory):
 
     # B: diffusers' own format, rank 2, lora_alpha 6, attention only, with its adapter metadata
     trainer = build_demo_sdxl_pipeline(0)
-    sds = _train_like(
+    sds = add_random_lora(
         trainer,
         {
             "unet": {"r": 2, "lora_alpha": 6, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
@@ -111,7 +91,7 @@ def fixtures(tmp_path_factory):
 
     # D: kohya with DoRA magnitudes (dora_scale), rank 4, lora_alpha 4
     trainer = build_demo_sdxl_pipeline(0)
-    sds = _train_like(
+    sds = add_random_lora(
         trainer,
         {"unet": {"r": 4, "lora_alpha": 4, "use_dora": True, "target_modules": ["to_q", "proj_in", "conv1"]}},
         seed=3,
@@ -274,6 +254,7 @@ import numpy as np
 from studio.generation.lora import LoraStack
 from studio.models.demo import build_demo_sdxl_pipeline
 from studio.schemas import LoraSpec
+from tests.lora_fixtures import add_random_lora
 from test_lora_stack import generate
 pipe = build_demo_sdxl_pipeline(0)
 stack = LoraStack(pipe)

@@ -352,3 +352,25 @@ def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
     if not converted:
         raise LoraError(f"{path.name} matches none of this model's layers; it changes nothing")
     return converted
+
+
+def import_lora_file(source: Path, loras_dir: Path) -> Path:
+    """Copy an uploaded LoRA into the workspace's loras folder after checking it is a readable
+    safetensors LoRA. Never overwrites: a name already taken gets a numbered suffix."""
+    import shutil
+
+    from studio.fileio import atomic_path
+    from studio.models.lora_format import inspect_lora
+
+    info = inspect_lora(source)
+    if info.modules == 0:
+        raise LoraError(f"{source.name} has no LoRA layers (no lora_down/lora_A weights)")
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    target = loras_dir / source.name
+    number = 1
+    while target.exists():
+        target = loras_dir / f"{source.stem} ({number}){source.suffix}"
+        number += 1
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target

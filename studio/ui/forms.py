@@ -50,9 +50,16 @@ def named_parameters(fn: Callable, names: tuple[str, ...], required: tuple[str, 
     form name (`prompt`, `steps`, ...) rather than `param_3`. Gradio takes the defaults from the
     components' initial values; only `required` names have none."""
 
-    @functools.wraps(fn)
-    def wrapper(*values):
-        return fn(*values)
+    if inspect.isgeneratorfunction(fn):  # keep streaming handlers streaming
+
+        @functools.wraps(fn)
+        def wrapper(*values):
+            yield from fn(*values)
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(*values):
+            return fn(*values)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     wrapper.__signature__ = inspect.Signature(

@@ -311,7 +311,8 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
                             api_visibility="private")
     c["lora_refresh"].click(lambda: on_lora_refresh(ctx), outputs=lora_dropdowns, api_visibility="private")
     c["grid_button"].click(
-        partial(on_grid, ctx),
+        named_parameters(partial(on_grid, ctx), ("x_axis", "x_values", "y_axis", "y_values", *GENERATE_FIELDS),
+                         required=("x_axis", "x_values", "y_axis", "y_values", "prompt")),
         inputs=[c["x_kind"], c["x_values"], c["y_kind"], c["y_values"], *inputs],
         outputs=[c["grid_image"], c["status"]],
         api_name="grid",
