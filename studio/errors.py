@@ -28,3 +28,8 @@ class BusyError(StudioError):
 
 class JobStopped(StudioError):
     """The user pressed Stop; work done before the stop is kept."""
+
+
+class DatasetError(StudioError):
+    """A dataset folder, upload or archive cannot be used as asked: an unsafe or oversized zip, a
+    caption edit that would corrupt a file, an image that cannot be decoded."""
