@@ -115,7 +115,7 @@ def run_full_size(args, outputs: Path) -> None:
     catalog = {"sdxl-full-size": CatalogEntry("sdxl-full-size", "SDXL full size, random weights", "sdxl", "bench:full")}
     print(f"device: {name}; SDXL full size (random weights), 832x1216, 28 steps, Euler a, CFG 6")
     for policy in args.policies.split(","):
-        def loader(source, models_dir, dtype, progress):
+        def loader(source, models_dir, dtype, device, progress):
             pipe = build_full_size_sdxl("cpu", torch.bfloat16)
             total, largest = pipeline_bytes(pipe)
             return LoadedModel(pipe, total, largest, None)

@@ -1,4 +1,4 @@
-"""Headless CLI: `python -m studio generate ...`. Same engine as the app, a progress bar instead
+"""Headless CLI: `python -m studio caption|generate ...`. Same engine as the app, a progress bar instead
 of the UI. Exit codes: 0 done, 1 the work failed (the message says why), 2 bad arguments."""
 
 from __future__ import annotations
@@ -51,7 +51,66 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, help="output folder (default: WORKSPACE/outputs)")
     gen.add_argument("--workspace", type=Path, default=Path("workspace"))
     gen.add_argument("--vram", default="auto", choices=["auto", "high", "normal", "low", "cpu"])
+    cap = commands.add_parser("caption", help="tag (and optionally describe) every image of a dataset folder")
+    cap.add_argument("dataset", type=Path, help="dataset folder (flat, or kohya repeat folders like 10_name/)")
+    cap.add_argument("--tagger", default="wd-eva02-large-tagger-v3",
+                     help="wd-eva02-large-tagger-v3, wd-vit-tagger-v3, wd-swinv2-tagger-v3, demo-tagger, or a folder")
+    cap.add_argument("--nl", default="none", metavar="none|REF|openai:URL#MODEL",
+                     help="natural-language captions: a transformers VLM, or an OpenAI-compatible server")
+    cap.add_argument("--template", default="animagine", choices=["animagine", "anima", "none"])
+    cap.add_argument("--trigger", default="", help="trigger word, written first in every caption")
+    cap.add_argument("--general-threshold", type=float, default=0.35)
+    cap.add_argument("--character-threshold", type=float, default=0.85)
+    cap.add_argument("--mcut", action="store_true", help="MCut thresholds instead of fixed ones")
+    cap.add_argument("--existing", default="skip", choices=["skip", "append", "prepend", "overwrite"],
+                     help="what to do with images that already have tags (default: leave them alone)")
+    cap.add_argument("--batch-size", type=int, default=8)
+    cap.add_argument("--workspace", type=Path, default=Path("workspace"))
+    cap.add_argument("--vram", default="auto", choices=["auto", "high", "normal", "low", "cpu"])
     return parser
+
+
+def caption_form(args: argparse.Namespace) -> dict:
+    return {
+        "dataset": str(args.dataset),
+        "tagger": args.tagger,
+        "general_threshold": args.general_threshold,
+        "character_threshold": args.character_threshold,
+        "mcut": args.mcut,
+        "batch_size": args.batch_size,
+        "existing": args.existing,
+        "rules": {"template": args.template, "trigger": args.trigger},
+        "nl": {"backend": args.nl},
+    }
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from studio.captioning.run import CaptionConfig, caption_dataset
+    from studio.models.manager import ModelManager
+    from studio.schemas import validate
+
+    if not args.dataset.is_dir():
+        print(f"error: {args.dataset} is not a folder", file=sys.stderr)
+        return 2
+    config = validate(CaptionConfig, caption_form(args))
+    manager = ModelManager(args.workspace / "models", requested_policy=args.vram)
+    with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {desc}", dynamic_ncols=True) as bar:
+
+        def report(fraction, message):
+            if fraction is not None:
+                bar.n = round(fraction * 100, 1)
+            bar.set_description_str(message)
+
+        run = caption_dataset(manager, config, report=report)
+    print(run.summary())
+    for name, reason in run.skipped:
+        print(f"skipped {name}: {reason}")
+    for name, reason in run.warnings:
+        print(f"warning {name}: {reason}")
+    done = run.tagged or run.kept or run.nl_written
+    return 0 if done else 1
 
 
 def generate_form(args: argparse.Namespace) -> dict:
@@ -111,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "caption":
+            return run_caption(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -50,7 +50,7 @@ class FakePipe:
         self.calls.append(("remove_hooks",))
 
 
-def fake_loader(source, models_dir, dtype, progress):
+def fake_loader(source, models_dir, dtype, device, progress):
     total, largest = SIZES[source.location]
     progress(None, f"loading {source.name}")
     return LoadedModel(FakePipe(), total, largest, None)

@@ -467,6 +467,17 @@ class TransformersVLMBackend:
     def unload(self) -> None:
         self._model = self._processor = None
 
+    def reload(self) -> None:
+        self.load()
+
+    @property
+    def size_bytes(self) -> int:
+        """Parameter and buffer bytes of the loaded model (0 when unloaded)."""
+        if self._model is None:
+            return 0
+        tensors = list(self._model.parameters()) + list(self._model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def caption(self, images: list[Any], prompts: list[str]) -> list[RawCaption]:
         import torch
 

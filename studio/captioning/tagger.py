@@ -104,7 +104,7 @@ def _download_tagger(repo_id: str, models_dir: Path, progress: Progress) -> Path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    from studio.models.loaders import _tqdm_reporting
+    from studio.models.loaders import tqdm_reporting
 
     by_hand = models_dir / repo_id.split("/")[-1]
     try:
@@ -112,7 +112,7 @@ def _download_tagger(repo_id: str, models_dir: Path, progress: Progress) -> Path
             repo_id,
             cache_dir=models_dir / "hub",
             allow_patterns=list(TAGGER_FILES),
-            tqdm_class=_tqdm_reporting(progress, repo_id),
+            tqdm_class=tqdm_reporting(progress, repo_id),
         ))
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(

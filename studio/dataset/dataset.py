@@ -111,6 +111,11 @@ class Dataset:
         self._commit("write_tags", f"edit the tags of {item.rel}", [(item, "tags", encode_tags(list(tags)))])
         return self.item(item)
 
+    def write_many_tags(self, tag_lists: dict[ItemRef, Sequence[str]], description: str) -> EditResult:
+        """Save several captions as ONE undoable edit (e.g. a batch of tagger results)."""
+        changes = [(self.item(item), "tags", encode_tags(list(tags))) for item, tags in tag_lists.items()]
+        return self._commit("write_tags", description, changes)
+
     def write_nl(self, item: ItemRef, text: str) -> DatasetItem:
         item = self.item(item)
         self._commit("write_nl", f"edit the caption of {item.rel}", [(item, "nl", encode_nl(text))])

@@ -19,6 +19,7 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SourceKind = Literal["hub", "folder", "single_file", "demo"]
+SELF_RESOLVING = ("tagger", "vlm")  # families whose own resolver knows their names and layouts
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ def resolve_reference(
     ref = ref.strip()
     if not ref:
         raise ModelNotFoundError("no model given: pick one from the list or type a path or hub id")
+    if family in SELF_RESOLVING:
+        # taggers and VLMs resolve their own names, folders and repo ids when materialized
+        local = Path(ref).expanduser()
+        return ModelSource(local.name or ref, family, "folder" if local.is_dir() else "hub", ref, demo=ref.startswith("demo-"))
     if ref in catalog:
         entry = catalog[ref]
         kind: SourceKind = "demo" if entry.source.startswith("demo:") else "hub"

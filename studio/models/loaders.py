@@ -35,7 +35,7 @@ def _noop(fraction: float | None, message: str) -> None:
     return None
 
 
-def _tqdm_reporting(progress: Progress, what: str):
+def tqdm_reporting(progress: Progress, what: str):
     """A tqdm class that forwards download progress to `progress` (for the UI's progress bar)."""
     from tqdm.auto import tqdm
 
@@ -60,7 +60,7 @@ def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop
             cache_dir=models_dir / "hub",
             allow_patterns=HUB_ALLOW,
             ignore_patterns=HUB_IGNORE,
-            tqdm_class=_tqdm_reporting(progress, repo_id),
+            tqdm_class=tqdm_reporting(progress, repo_id),
         )
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(
@@ -88,6 +88,13 @@ def local_copy_of(source: ModelSource, models_dir: Path) -> ModelSource | None:
 
 def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noop) -> ModelSource:
     """Turn hub and demo sources into local folders/files (downloading or building them)."""
+    if source.family == "tagger":
+        from studio.captioning.tagger import resolve_tagger
+
+        folder = resolve_tagger(source.location, models_dir, progress)
+        return ModelSource(source.name, "tagger", "folder", str(folder), demo=source.demo)
+    if source.family == "vlm":
+        return source  # transformers resolves hub ids and folders itself (through its cache)
     if source.kind == "demo":
         from studio.models.demo import ensure_demo_sdxl
 
@@ -154,7 +161,7 @@ def quiet_library_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_sdxl(source: ModelSource, dtype, progress: Progress = _noop) -> LoadedModel:
+def load_sdxl(source: ModelSource, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
     """Load a materialized (folder or single-file) SDXL source into RAM."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -186,13 +193,33 @@ def load_sdxl(source: ModelSource, dtype, progress: Progress = _noop) -> LoadedM
     return LoadedModel(pipe, total, largest, weights if weights.is_file() else None)
 
 
-LOADERS = {"sdxl": load_sdxl}
+def load_tagger(source: ModelSource, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
+    """A WD tagger as an onnxruntime session on the execution device's provider."""
+    from studio.captioning.tagger import Tagger, default_providers
+
+    progress(None, f"loading the tagger {source.name}")
+    tagger = Tagger.load(Path(source.location), default_providers(device))
+    return LoadedModel(tagger, tagger.size_bytes, tagger.size_bytes, tagger.model_file)
 
 
-def load_model(source: ModelSource, models_dir: Path, dtype, progress: Progress = _noop) -> LoadedModel:
+def load_vlm(source: ModelSource, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
+    """A vision-language captioner through transformers, on the execution device."""
+    from studio.captioning.nl_caption import TransformersVLMBackend
+
+    progress(None, f"loading the captioning model {source.name}")
+    backend = TransformersVLMBackend(source.location, device=device)
+    backend.load()
+    size = backend.size_bytes
+    return LoadedModel(backend, size, size, None)
+
+
+LOADERS = {"sdxl": load_sdxl, "tagger": load_tagger, "vlm": load_vlm}
+
+
+def load_model(source: ModelSource, models_dir: Path, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
     local = materialize(source, models_dir, progress)
     try:
         loader = LOADERS[local.family]
     except KeyError:
         raise ModelNotFoundError(f"no loader for model family {local.family!r}") from None
-    return loader(local, dtype, progress)
+    return loader(local, dtype, device, progress)

@@ -20,19 +20,10 @@ from studio.errors import BusyError, StudioError
 from studio.models.catalog import CatalogEntry, ModelSource, load_catalog, resolve_reference
 from studio.models.devices import DeviceInfo, free_accelerator_memory, probe_devices
 from studio.models.loaders import LoadedModel, Progress, load_model
-from studio.models.vram import (
-    WORKING_BYTES,
-    VramPolicy,
-    choose_policy,
-    evict_pipeline,
-    pick_dtype,
-    place_pipeline,
-    reset_placement,
-    restore_pipeline,
-)
+from studio.models.vram import PLACEMENTS, WORKING_BYTES, VramPolicy, choose_policy, pick_dtype
 
 GiB = 1024**3
-Loader = Callable[[ModelSource, Path, Any, Progress], LoadedModel]
+Loader = Callable[[ModelSource, Path, Any, str, Progress], LoadedModel]
 
 
 @dataclass
@@ -112,8 +103,8 @@ class ModelManager:
             self._catalog = load_catalog()
         return self._catalog
 
-    def resolve(self, ref: str, vae: str | None = None) -> ModelSource:
-        return resolve_reference(ref, self.catalog, vae=vae)
+    def resolve(self, ref: str, vae: str | None = None, family: str = "sdxl") -> ModelSource:
+        return resolve_reference(ref, self.catalog, vae=vae, family=family)
 
     def status(self) -> ManagerStatus:
         with self._books:
@@ -148,15 +139,16 @@ class ModelManager:
             self._lane.release()
 
     # -- loading, locking, offloading ---------------------------------------------------------
-    def get(self, ref: str | ModelSource, progress: Progress | None = None) -> ModelRecord:
+    def get(self, ref: str | ModelSource, progress: Progress | None = None, family: str = "sdxl") -> ModelRecord:
         """The record for a model, loading it into RAM on first use."""
-        source = ref if isinstance(ref, ModelSource) else self.resolve(ref)
+        source = ref if isinstance(ref, ModelSource) else self.resolve(ref, family=family)
         with self._books:
             record = self._records.get(source.key)
             if record is not None:
                 return record
             progress = progress or (lambda fraction, message: None)
-            loaded = self._loader(source, self.models_dir, pick_dtype(self.device), progress)
+            device = self.device.execution_device
+            loaded = self._loader(source, self.models_dir, pick_dtype(self.device), device, progress)
             policy = choose_policy(
                 self.requested_policy, self.device, loaded.size_bytes, loaded.largest_component_bytes
             )
@@ -187,10 +179,11 @@ class ModelManager:
                 raise StudioError(f"{record.source.name} was unloaded; load it again")
             if not record.resident:
                 self._make_room(record)
+                placement = PLACEMENTS[record.source.family]
                 if record.placed:
-                    restore_pipeline(record.model, record.policy, self.device)
+                    placement.restore(record.model, record.policy, self.device)
                 else:
-                    place_pipeline(record.model, record.policy, self.device)
+                    placement.place(record.model, record.policy, self.device)
                     record.placed = True
                 record.resident = True
             record.locks += 1
@@ -211,12 +204,13 @@ class ModelManager:
         if budget is None:
             return
         needed = incoming.size_bytes if incoming.policy is VramPolicy.HIGH else incoming.largest_component_bytes
-        resident = [r for r in self._records.values() if r.resident and r is not incoming and r.policy is VramPolicy.HIGH]
+        resident = [r for r in self._records.values()
+                    if r.resident and r is not incoming and r.policy is VramPolicy.HIGH]
         used = sum(r.size_bytes for r in resident)
         for victim in sorted((r for r in resident if not r.locked), key=lambda r: r.last_used):
             if used + needed <= budget:
                 break
-            evict_pipeline(victim.model, victim.policy)
+            PLACEMENTS[victim.source.family].evict(victim.model, victim.policy)
             victim.resident = False
             used -= victim.size_bytes
 
@@ -224,12 +218,13 @@ class ModelManager:
         """Move a model to the next lower-memory policy (HIGH -> NORMAL -> LOW) after running out
         of memory. Returns the new policy, or None when there is nothing lower to try."""
         lower = {VramPolicy.HIGH: VramPolicy.NORMAL, VramPolicy.NORMAL: VramPolicy.LOW}.get(record.policy)
-        if lower is None or not self.device.accelerator:
+        placement = PLACEMENTS[record.source.family]
+        if lower is None or not self.device.accelerator or not placement.demotable:
             return None
         with self._books:
-            reset_placement(record.model)
+            placement.reset(record.model)
             record.policy = lower
-            place_pipeline(record.model, lower, self.device)
+            placement.place(record.model, lower, self.device)
         return lower
 
     def unload(self, ref: str | ModelSource | None = None) -> list[str]:

@@ -113,3 +113,40 @@ def restore_pipeline(pipe, policy: VramPolicy, device: DeviceInfo) -> None:
     """Bring an evicted pipeline back to the execution device."""
     if policy is VramPolicy.HIGH:
         pipe.to(device.execution_device)
+
+
+class PipelinePlacement:
+    """How the manager places a diffusers pipeline: by VRAM policy (device move or offload hooks)."""
+
+    demotable = True
+
+    place = staticmethod(place_pipeline)
+    evict = staticmethod(evict_pipeline)
+    restore = staticmethod(restore_pipeline)
+    reset = staticmethod(reset_placement)
+
+
+class SelfPlacedModel:
+    """Models that hold their own device placement (an onnxruntime session, a transformers VLM):
+    created on the execution device at load; evicting drops them, restoring creates them again."""
+
+    demotable = False
+
+    @staticmethod
+    def place(model, policy: VramPolicy, device: DeviceInfo) -> None:
+        return None
+
+    @staticmethod
+    def evict(model, policy: VramPolicy) -> None:
+        model.unload()
+
+    @staticmethod
+    def restore(model, policy: VramPolicy, device: DeviceInfo) -> None:
+        model.reload()
+
+    @staticmethod
+    def reset(model) -> None:
+        return None
+
+
+PLACEMENTS = {"sdxl": PipelinePlacement, "tagger": SelfPlacedModel, "vlm": SelfPlacedModel}
