@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from studio.errors import ConfigError
+from studio.fileio import inside
 
 LORA_SLOTS = 4
 
@@ -66,14 +67,6 @@ def named_parameters(fn: Callable, names: tuple[str, ...], required: tuple[str, 
         [inspect.Parameter(name, kind, **({} if name in required else {"default": None})) for name in names]
     )
     return wrapper
-
-
-def inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: str) -> str:
