@@ -207,6 +207,47 @@ def bench_postprocess(captions: int, rounds: int, distinct: int = 1024) -> None:
     print(f"    (a sample caption has {counts} tags)")
 
 
+def bench_full_postprocess(captions: int, rounds: int, distinct: int = 1024) -> None:
+    """Thresholds plus the dataset's tag rules plus joining: the whole text side of a caption."""
+    from studio.captioning.tag_rules import TagRules, build_caption, join_caption
+
+    table = synthetic_wd_table()
+    pool = realistic_probs(distinct, len(table), np.random.default_rng(0))
+    probs = np.concatenate([pool] * (captions // distinct + 1))[:captions]
+    for template in ("animagine", "anima"):
+        rules = TagRules(template=template, trigger="ohwx", year=2023, quality=["masterpiece", "best quality"],
+                         exclude=["general_tag_1*"])
+
+        def once():
+            start = time.perf_counter()
+            for i in range(0, len(probs), 64):
+                for result in postprocess_batch(probs[i:i + 64], table):
+                    join_caption(build_caption(result, rules))
+            return time.perf_counter() - start
+
+        once()  # warm the per-tag caches
+        best = min(once() for _ in range(rounds))
+        print(f"    thresholds + {template} rules + join : {len(probs) / best:10,.0f} captions/s (target >= 50,000)")
+
+
+def bench_header_scan(folder: Path, count: int) -> None:
+    """Header scan of `count` small PNG files, as opening a dataset does (sizes without decoding)."""
+    from studio.dataset.config import ScanOptions
+    from studio.dataset.scan import scan_headers
+
+    folder.mkdir()
+    tile = Image.new("RGB", (64, 48), "white")
+    for i in range(count):
+        tile.save(folder / f"{i:05d}.png", compress_level=1)
+    paths = sorted(folder.glob("*.png"))
+    scan_headers(paths[:100])  # warm imports
+    for check in ("none", "quick"):
+        start = time.perf_counter()
+        headers = scan_headers(paths, ScanOptions(check=check))
+        seconds = time.perf_counter() - start
+        print(f"    {count} files, check={check:5s}: {seconds:.2f} s ({len(headers) / seconds:,.0f} files/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32, help="image files to tag")
@@ -217,6 +258,7 @@ def main() -> None:
     parser.add_argument("--vit-images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best of each counts")
     parser.add_argument("--captions", type=int, default=10_000, help="probability vectors to post-process")
+    parser.add_argument("--scan-images", type=int, default=10_000, help="files for the header-scan benchmark")
     args = parser.parse_args()
     w, h = (int(v) for v in args.image_size.lower().split("x"))
 
@@ -236,6 +278,9 @@ def main() -> None:
             bench_tagger(label, vit, paths[: args.vit_images], min(args.batch, 4), args.rounds)
         print("2. tag post-processing")
         bench_postprocess(args.captions, args.rounds)
+        bench_full_postprocess(args.captions, args.rounds)
+        print("3. dataset header scan")
+        bench_header_scan(tmp / "scan", args.scan_images)
 
 
 if __name__ == "__main__":

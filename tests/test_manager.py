@@ -203,3 +203,15 @@ def test_references_resolve_by_kind(tmp_path):
         resolve_reference(str(tmp_path / "missing.safetensors"), CATALOG)
     with pytest.raises(ModelNotFoundError):
         resolve_reference("not a model", CATALOG)
+
+
+def test_a_tagger_is_a_manager_record_and_unloads(tmp_path):
+    from studio.captioning.tagger import Tagger
+
+    mgr = ModelManager(tmp_path, requested_policy="auto", device=DeviceInfo("cpu", "CPU"))
+    record = mgr.get("demo-tagger", family="tagger")
+    assert isinstance(record.model, Tagger) and record.source.family == "tagger" and record.size_bytes > 0
+    with mgr.use(record) as tagger:
+        assert tagger.is_loaded
+    assert [m["name"] for m in mgr.status().models] == ["demo-tagger"]
+    assert mgr.unload("demo-tagger") == ["demo-tagger"] and mgr.records() == []
