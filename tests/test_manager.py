@@ -214,4 +214,4 @@ def test_a_tagger_is_a_manager_record_and_unloads(tmp_path):
     with mgr.use(record) as tagger:
         assert tagger.is_loaded
     assert [m["name"] for m in mgr.status().models] == ["demo-tagger"]
-    assert mgr.unload("demo-tagger") == ["demo-tagger"] and mgr.records() == []
+    assert mgr.unload("demo-tagger", family="tagger") == ["demo-tagger"] and mgr.records() == []

@@ -227,13 +227,13 @@ class ModelManager:
             placement.place(record.model, lower, self.device)
         return lower
 
-    def unload(self, ref: str | ModelSource | None = None) -> list[str]:
+    def unload(self, ref: str | ModelSource | None = None, family: str = "sdxl") -> list[str]:
         """Drop one model (or every unlocked one) from RAM and VRAM; returns the names dropped."""
         with self._books:
             if ref is None:
                 victims = [r for r in self._records.values() if not r.locked]
             else:
-                source = ref if isinstance(ref, ModelSource) else self.resolve(ref)
+                source = ref if isinstance(ref, ModelSource) else self.resolve(ref, family=family)
                 record = self._records.get(source.key)
                 if record is None:
                     return []
