@@ -1,4 +1,4 @@
-"""Headless CLI: `python -m studio caption|generate ...`. Same engine as the app, a progress bar instead
+"""Headless CLI: `python -m studio caption|train|generate ...`. Same engine as the app, a progress bar instead
 of the UI. Exit codes: 0 done, 1 the work failed (the message says why), 2 bad arguments."""
 
 from __future__ import annotations
@@ -67,7 +67,75 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int, default=8)
     cap.add_argument("--workspace", type=Path, default=Path("workspace"))
     cap.add_argument("--vram", default="auto", choices=["auto", "high", "normal", "low", "cpu"])
+    tr = commands.add_parser("train", help="train a LoRA (same engine as the Train tab)")
+    tr.add_argument("config", nargs="?", type=Path, help="a TOML config (kohya key names), merged over the preset")
+    tr.add_argument("--preset", help="a training preset, e.g. animagine-xl-3.1-character or demo-sdxl")
+    tr.add_argument("--dataset", action="append", default=[], type=Path, help="dataset folder (repeatable)")
+    tr.add_argument("--output-dir", type=Path, help="the run folder (default: WORKSPACE/runs/<name>-<time>)")
+    tr.add_argument("--output-name", help="LoRA file name")
+    tr.add_argument("--max-steps", type=int, help="max_train_steps")
+    tr.add_argument("--stop-after", type=int, help="stop after this step, saving a resumable state (as Stop does)")
+    tr.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue that run to its configured end")
+    tr.add_argument("--workspace", type=Path, default=Path("workspace"))
     return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    if args.dataset:
+        overrides["datasets"] = [{"path": str(path)} for path in args.dataset]
+    if args.output_name:
+        overrides["output_name"] = args.output_name
+    if args.max_steps is not None:
+        overrides.update(max_train_steps=args.max_steps, max_train_epochs=None)
+    return overrides
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from studio.training.runs import new_run_dir, read_run_config, resolve_config, write_run_config
+    from studio.training.trainer import train
+
+    if args.resume:
+        run_dir = args.resume
+        config = read_run_config(run_dir)
+        if args.config or args.preset or train_overrides(args):
+            changed = resolve_config(preset=args.preset, config_file=args.config, overrides=train_overrides(args))
+            from studio.training.checkpoint import check_resumable, list_states
+
+            states = list_states(run_dir)
+            if states:
+                check_resumable(states[-1], changed.resume_fingerprint())
+            config = changed
+    else:
+        if not (args.config or args.preset):
+            print("error: give a CONFIG.toml or --preset NAME", file=sys.stderr)
+            return 2
+        config = resolve_config(preset=args.preset, config_file=args.config, overrides=train_overrides(args),
+                                presets_root=args.workspace / "presets")
+        run_dir = args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)
+    write_run_config(run_dir, config)
+    with tqdm(total=None, unit="step", dynamic_ncols=True) as bar:
+
+        def on_event(event):
+            if event.kind == "step":
+                bar.total = bar.total or event.data.get("total")
+                bar.n = event.step
+                bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
+            elif event.kind == "message" and "plan" in event.data:
+                bar.total = event.data["plan"]["total_steps"]
+            elif event.kind in ("message", "checkpoint", "validation"):
+                text = event.data.get("text") or event.data.get("path") or f"validation loss {event.data.get('loss'):.4f}"
+                bar.write(f"[step {event.step}] {text}")
+
+        result = train(config, run_dir=run_dir, models_dir=args.workspace / "models",
+                       cache_dir=args.workspace / "cache", resume=bool(args.resume), stop_after=args.stop_after,
+                       on_event=on_event)
+    print(result.message)
+    for lora in result.loras:
+        print(lora)
+    return 0 if result.status in ("done", "stopped") else 1
 
 
 def caption_form(args: argparse.Namespace) -> dict:
@@ -172,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "caption":
             return run_caption(args)
+        if args.command == "train":
+            return run_train(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from studio.fileio import atomic_path
 from studio.generation.samplers import sampler_from_infotext
 from studio.schemas import GenerateConfig, HiresConfig
 
@@ -242,16 +242,8 @@ def write_png(image: Image.Image, path: Path, infotext: str) -> Path:
     else:
         info.add_itxt(PNG_TEXT_KEY, infotext)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, caption sampling, checkpoints and the background job."""

@@ -1,0 +1,226 @@
+"""The training loop: one function that reads top to bottom, on accelerate's Accelerator.
+
+Every random draw of a step (caption variant, flip, latent sample, noise, timestep) comes from a
+generator seeded by (seed, micro-batch, position in the global batch). Nothing depends on how
+many steps ran before in this process, so a resumed run draws exactly what an uninterrupted one
+would, and a data-parallel run draws what a single process with the same global batch draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.errors import ConfigError, StudioError
+from studio.training.config import TrainConfig
+from studio.training.data import BatchPlan, TrainSample, collect_samples, crop_for
+
+SMOOTHING_WINDOW = 20
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    kind: str  # "step", "validation", "sample", "checkpoint", "message"
+    step: int
+    epoch: int
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    status: str  # "done", "stopped", "failed"
+    step: int
+    run_dir: Path
+    loras: list[Path]
+    message: str = ""
+
+
+@dataclass
+class Plan:
+    total_steps: int
+    micro_per_step: int
+    batches_per_epoch: int
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.batches_per_epoch / self.micro_per_step
+
+
+def make_plan(config: TrainConfig, batches_per_epoch: int) -> Plan:
+    accumulation = config.gradient_accumulation_steps
+    if config.max_train_epochs is not None:
+        total = (config.max_train_epochs * batches_per_epoch) // accumulation
+    else:
+        total = config.max_train_steps
+    if total < 1:
+        raise ConfigError(f"the run has no optimizer step: {batches_per_epoch} batches per epoch with "
+                          f"gradient_accumulation_steps={accumulation}")
+    return Plan(total, accumulation, batches_per_epoch)
+
+
+def seed_for(seed: int, *parts: int) -> int:
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return value
+
+
+class EventLog:
+    """events.jsonl in the run folder (the UI re-plots from it after a page reload) plus the
+    caller's callback and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, on_event: Callable[[TrainEvent], None] | None, tensorboard: bool,
+                 main_process: bool):
+        self.path = run_dir / "events.jsonl"
+        self.on_event, self.main = on_event, main_process
+        self.writer = _tensorboard_writer(run_dir / "tensorboard") if tensorboard and main_process else None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget events past the resumed step, so the curve continues without a fork."""
+        if not self.main or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def emit(self, kind: str, step: int, epoch: int, **data) -> None:
+        event = TrainEvent(kind, step, epoch, data)
+        if self.main:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"kind": kind, "step": step, "epoch": epoch, **data}, default=str) + "\n")
+            if self.writer is not None:
+                for key, value in data.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.writer.add_scalar(f"{kind}/{key}", value, step)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+# -- one micro-batch ------------------------------------------------------------------------------
+class BatchBuilder:
+    """Turns a micro-batch of samples into model inputs, drawing its randomness per sample."""
+
+    def __init__(self, model, config: TrainConfig, sampler, latent_cache, text_cache):
+        self.model, self.config, self.sampler = model, config, sampler
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+
+    def latents(self, sample: TrainSample, flip: bool, generator):
+        import torch
+
+        from studio.training.data import load_pixels
+
+        if self.latent_cache is not None:
+            mean, std = self.latent_cache.get(sample, flip)
+        else:
+            mean, std = (t[0].float().cpu() for t in self.model.encode_images(load_pixels(sample, flip)[None]))
+        draw = torch.randn(mean.shape, generator=generator)
+        return (mean + std * draw) * self.model.scaling_factor
+
+    def build(self, samples: list[TrainSample], seeds: list[int]):
+        import torch
+
+        captions, latents, flips, noise, timesteps = [], [], [], [], []
+        scheduler = self.model.noise_scheduler
+        for sample, seed in zip(samples, seeds):
+            rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+            flip = self.config.flip_aug and rng.random() < 0.5
+            captions.append(self.sampler.sample(list(sample.tags), sample.nl, rng))
+            latent = self.latents(sample, flip, generator)
+            eps = torch.randn(latent.shape, generator=generator)
+            if self.config.noise_offset:
+                eps = eps + self.config.noise_offset * torch.randn((latent.shape[0], 1, 1), generator=generator)
+            latents.append(latent)
+            noise.append(eps)
+            flips.append(flip)
+            timesteps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
+        device = self.model.device
+        latents = torch.stack(latents).to(device)
+        noise = torch.stack(noise).to(device)
+        timesteps = torch.tensor(timesteps, device=device, dtype=torch.long)
+        text, pooled = self.text(captions)
+        time_ids = self.model.time_ids([s.original for s in samples],
+                                       [crop_for(s, f) for s, f in zip(samples, flips)],
+                                       [s.bucket for s in samples])
+        return latents, noise, timesteps, text, pooled, time_ids
+
+    def text(self, captions: list[str]):
+        import torch
+
+        if self.text_cache is None:
+            return self.model.encode_text(captions)
+        pairs = [self.text_cache.get(caption) for caption in captions]
+        device = self.model.device
+        return (torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device))
+
+
+def diffusion_loss(model, config: TrainConfig, inputs, unet=None):
+    """Per-sample MSE of the model's prediction against its target, min-SNR weighted if asked."""
+    import torch
+
+    latents, noise, timesteps, text, pooled, time_ids = inputs
+    scheduler = model.noise_scheduler
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    dtype = model.weight_dtype
+    prediction = model.predict(noisy.to(dtype), timesteps, text.to(dtype), pooled.to(dtype), time_ids.to(dtype),
+                               unet=unet).float()
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_sample = ((prediction - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    if config.min_snr_gamma:
+        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=config.min_snr_gamma)
+        weight = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def validation_loss(model, config: TrainConfig, samples: list[TrainSample], builder: BatchBuilder) -> float:
+    """The loss on held-out images at fixed timesteps with fixed noise: comparable across steps and runs."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index, sample in enumerate(samples):
+            for timestep in VALIDATION_TIMESTEPS:
+                generator = torch.Generator().manual_seed(seed_for(config.seed, 7_777_777, index, timestep))
+                if builder.latent_cache is not None:
+                    mean, _ = builder.latent_cache.get(sample, False)
+                else:
+                    from studio.training.data import load_pixels
+
+                    mean = model.encode_images(load_pixels(sample, False)[None])[0][0].float().cpu()
+                latents = (mean * model.scaling_factor)[None].to(model.device)
+                noise = torch.randn(mean.shape, generator=generator)[None].to(model.device)
+                text, pooled = builder.text([builder.sampler.static_caption(list(sample.tags), sample.nl)])
+                time_ids = model.time_ids([sample.original], [sample.crop], [sample.bucket])
+                steps = torch.tensor([timestep], device=model.device)
+                total += float(diffusion_loss(model, config, (latents, noise, steps, text, pooled, time_ids)))
+                count += 1
+    return total / max(count, 1)

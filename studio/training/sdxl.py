@@ -1,0 +1,214 @@
+"""The SDXL family for the training engine: frozen base model, a peft network on the UNet (and
+optionally the text encoders), SDXL's conditioning (two CLIP encoders, pooled embedding, time ids),
+sample images and kohya-format export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.errors import ConfigError
+from studio.training.config import TrainConfig
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+FEED_FORWARD = ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+CONVOLUTIONS = ["conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj"]  # LoCon: resnets and samplers
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KOHYA_EXPORTABLE = ("lora", "dora")  # LoKr/LoHa are saved in peft's own format only
+
+
+def unet_targets(target: str) -> list[str]:
+    return {"attention": ATTENTION, "attention_ff": ATTENTION + FEED_FORWARD,
+            "all": ATTENTION + FEED_FORWARD + CONVOLUTIONS}[target]
+
+
+def network_config(config: TrainConfig, targets: list[str]):
+    """The peft config of the network type (LoRA, DoRA, LoKr, LoHa)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if config.network_type in ("lora", "dora"):
+        return LoraConfig(r=config.network_dim, lora_alpha=config.network_alpha, target_modules=targets,
+                          use_dora=config.network_type == "dora", init_lora_weights=True)
+    cls = LoKrConfig if config.network_type == "lokr" else LoHaConfig
+    return cls(r=config.network_dim, alpha=config.network_alpha, target_modules=targets)
+
+
+class SDXLTrainingModel:
+    family = "sdxl"
+    base_model_version = "sdxl_base_v1-0"
+
+    def __init__(self, pipe, config: TrainConfig, device, weight_dtype):
+        import torch
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.config, self.device, self.weight_dtype = pipe, config, device, weight_dtype
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        prediction = "v_prediction" if config.v_parameterization else "epsilon"
+        self.noise_scheduler = DDPMScheduler.from_config(
+            pipe.scheduler.config, prediction_type=prediction, rescale_betas_zero_snr=config.zero_terminal_snr)
+        self.vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", False) else weight_dtype
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+            module.eval()
+        self.unet.to(device, weight_dtype)
+        self.vae.to(device, self.vae_dtype)
+        for encoder in self.text_encoders:
+            encoder.to(device, weight_dtype)
+        self.scaling_factor = self.vae.config.scaling_factor
+
+    # -- the network ---------------------------------------------------------------------------
+    def add_network(self) -> list[dict]:
+        """Add the trainable network; returns optimizer parameter groups with their learning rates."""
+        import torch
+
+        config = self.config
+        torch.manual_seed(config.seed)  # the network's initial weights depend on the seed alone
+        self.unet.add_adapter(network_config(config, unet_targets(config.network_target)))
+        groups = [{"params": self._trainable(self.unet), "lr": config.unet_lr or config.learning_rate}]
+        if config.train_text_encoder:
+            if config.network_type not in ("lora", "dora"):
+                raise ConfigError("text-encoder training supports LoRA and DoRA networks only")
+            for encoder in self.text_encoders:
+                encoder.add_adapter(network_config(config, TEXT_TARGETS))
+                encoder.train()
+            groups.append({"params": [p for e in self.text_encoders for p in self._trainable(e)],
+                           "lr": config.text_encoder_lr or config.learning_rate})
+        for group in groups:
+            for param in group["params"]:
+                param.data = param.data.to(torch.float32)  # trained weights stay in fp32
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        return groups
+
+    @staticmethod
+    def _trainable(module) -> list:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def trainable_modules(self) -> list:
+        return [self.unet, *(self.text_encoders if self.config.train_text_encoder else [])]
+
+    def network_state(self) -> dict[str, dict]:
+        """peft state dicts of the trained parts, by pipeline component name."""
+        from peft.utils import get_peft_model_state_dict
+
+        parts = {"unet": get_peft_model_state_dict(self.unet)}
+        if self.config.train_text_encoder:
+            parts["text_encoder"] = get_peft_model_state_dict(self.text_encoders[0])
+            parts["text_encoder_2"] = get_peft_model_state_dict(self.text_encoders[1])
+        return parts
+
+    def load_network_state(self, parts: dict[str, dict]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        modules = {"unet": self.unet, "text_encoder": self.text_encoders[0], "text_encoder_2": self.text_encoders[1]}
+        for name, state in parts.items():
+            result = set_peft_model_state_dict(modules[name], state)
+            missing = [k for k in getattr(result, "unexpected_keys", [])]
+            if missing:
+                raise ConfigError(f"the saved {name} network does not fit this model ({len(missing)} unknown keys)")
+
+    # -- conditioning --------------------------------------------------------------------------
+    def encode_images(self, pixels):
+        """(mean, std) of the VAE posterior, unscaled, for a (B, 3, H, W) batch in [-1, 1]."""
+        import torch
+
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def encode_text(self, captions: list[str]):
+        """SDXL's text conditioning: penultimate hidden states of both encoders, concatenated,
+        and encoder 2's pooled projection. Gradients flow when the encoders are trained."""
+        import torch
+
+        states, pooled = [], None
+        grad = torch.enable_grad() if self.config.train_text_encoder else torch.no_grad()
+        with grad:
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(self.device)
+                output = encoder(ids, output_hidden_states=True)
+                states.append(output.hidden_states[-2])
+                pooled = output[0]
+        return torch.cat(states, dim=-1), pooled
+
+    def text_identity(self) -> str:
+        from studio.training.cache import module_identity
+
+        return module_identity(*self.text_encoders)
+
+    def vae_identity(self) -> str:
+        from studio.training.cache import module_identity
+
+        return module_identity(self.vae)
+
+    def time_ids(self, originals, crops, buckets):
+        """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample, as SDXL was trained."""
+        import torch
+
+        rows = [[o[1], o[0], c[1], c[0], b[1], b[0]] for o, c, b in zip(originals, crops, buckets)]
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
+
+    def predict(self, noisy, timesteps, text, pooled, time_ids, unet=None):
+        unet = unet or self.unet
+        return unet(noisy, timesteps, encoder_hidden_states=text,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    # -- outputs -------------------------------------------------------------------------------
+    def sample_images(self, prompts: list[str], negative: str, seed: int, steps: int, size: tuple[int, int],
+                      cfg: float) -> list:
+        """Images from the model being trained (network active), fixed seed per prompt."""
+        import torch
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        pipe = self.pipe
+        original = pipe.scheduler
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            images = []
+            for i, prompt in enumerate(prompts):
+                generator = torch.Generator("cpu").manual_seed(seed + i)
+                with torch.no_grad():
+                    images += pipe(prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
+                                   num_inference_steps=steps, guidance_scale=cfg, generator=generator).images
+            return images
+        finally:
+            pipe.scheduler = original
+            self.unet.train(was_training)
+
+    def export_kohya(self, path: Path, metadata: dict[str, str]) -> Path | None:
+        """The network as a kohya LoRA file (SGM names, real alpha); None for LoKr/LoHa."""
+        from studio.models.lora_format import save_kohya_lora
+
+        if self.config.network_type not in KOHYA_EXPORTABLE:
+            return None
+        parts = self.network_state()
+        return save_kohya_lora(path, unet=parts["unet"], text_encoder=parts.get("text_encoder"),
+                               text_encoder_2=parts.get("text_encoder_2"), alpha=self.config.network_alpha,
+                               metadata=metadata, layers_per_block=self.unet.config.layers_per_block)
+
+    def export_diffusers(self, folder: Path, name: str) -> Path:
+        """The network in diffusers' LoRA format (or peft's, for LoKr/LoHa), written atomically."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        from studio.fileio import atomic_path
+
+        parts = self.network_state()
+        target = folder / f"{name}.safetensors"
+        with atomic_path(target) as tmp:
+            StableDiffusionXLPipeline.save_lora_weights(
+                tmp.parent, weight_name=tmp.name,
+                unet_lora_layers=convert_state_dict_to_diffusers(parts["unet"]),
+                text_encoder_lora_layers=convert_state_dict_to_diffusers(parts["text_encoder"])
+                if "text_encoder" in parts else None,
+                text_encoder_2_lora_layers=convert_state_dict_to_diffusers(parts["text_encoder_2"])
+                if "text_encoder_2" in parts else None,
+                unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+            )
+        return target

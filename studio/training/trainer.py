@@ -1,0 +1,323 @@
+"""`train()`: a LoRA training run from a validated TrainConfig, in numbered steps. The Train tab,
+`python -m studio train` and `accelerate launch` all come here."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from studio.errors import ConfigError, StudioError
+from studio.training.checkpoint import (TrainingState, check_resumable, list_states, load_state, prune_states,
+                                        save_state)
+from studio.training.config import TrainConfig
+from studio.training.data import BatchPlan, collect_samples
+from studio.training.loop import (SMOOTHING_WINDOW, BatchBuilder, EventLog, Plan, RunResult, TrainEvent,
+                                  diffusion_loss, make_plan, seed_for, validation_loss)
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=config.gradient_accumulation_steps)
+    precision = config.mixed_precision if accelerator.device.type == "cuda" else "no"
+    if precision != "no":
+        accelerator = Accelerator(mixed_precision=precision,
+                                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    return accelerator, precision
+
+
+def _weight_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def _load_model(config: TrainConfig, models_dir: Path, device, weight_dtype, report):
+    from studio.models.catalog import load_catalog, resolve_reference
+    from studio.models.loaders import load_model
+    from studio.training.sdxl import SDXLTrainingModel
+
+    source = resolve_reference(config.pretrained_model, load_catalog(), vae=config.vae or None)
+    if source.family != "sdxl":
+        raise ConfigError(f"{config.pretrained_model} is a {source.family} model; this trainer handles SDXL")
+    loaded = load_model(source, models_dir, weight_dtype, str(device), report)
+    return SDXLTrainingModel(loaded.model, config, device, weight_dtype), source
+
+
+def _caption_sampler(config: TrainConfig):
+    from studio.training.captions import CaptionSampler
+
+    return CaptionSampler.from_config(config.caption_config())
+
+
+def _caches(config: TrainConfig, model, sampler, cache_dir: Path):
+    from studio.training.cache import LatentCache, TextCache
+
+    latent = LatentCache(cache_dir, model.vae_identity(), model.encode_images) if config.cache_latents else None
+    text, note = None, None
+    if config.cache_text_encoder_outputs:
+        reason = sampler.cache_refusal_reason()
+        if reason:
+            note = reason
+        else:
+            text = TextCache(cache_dir, model.text_identity(), model.encode_text)
+    return latent, text, note
+
+
+def _fill_caches(samples, latent_cache, text_cache, sampler, config, log: EventLog, stop, main: bool):
+    """Encode every latent (both flips if flip_aug) and static caption up front, with progress."""
+    if latent_cache is None and text_cache is None:
+        return
+    flips = (False, True) if config.flip_aug else (False,)
+    work = [(s, f) for s in samples for f in flips] if latent_cache is not None else []
+    captions = sorted({sampler.static_caption(list(s.tags), s.nl) for s in samples}) if text_cache else []
+    total = len(work) + len(captions)
+    for done, (sample, flip) in enumerate(work, 1):
+        if stop is not None and stop.is_set():
+            raise _Stopped()
+        latent_cache.get(sample, flip)
+        if done % 8 == 0 or done == len(work):
+            log.emit("message", 0, 0, text=f"caching latents {done}/{total}", fraction=done / total)
+    for done, caption in enumerate(captions, len(work) + 1):
+        text_cache.get(caption)
+    if captions:
+        log.emit("message", 0, 0, text=f"cached {len(captions)} text-encoder outputs", fraction=1.0)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _optimizer_and_schedule(config: TrainConfig, groups: list[dict], plan: Plan):
+    from studio.training.optim import make_optimizer
+    from studio.training.schedules import LRSchedule, make_lr_scheduler
+
+    optimizer = make_optimizer(config.optimizer_type, groups, lr=config.learning_rate,
+                               weight_decay=config.weight_decay, extra_args=dict(config.optimizer_args))
+    decaying = config.lr_scheduler not in ("constant", "constant_with_warmup")
+    schedule = LRSchedule(config.lr_scheduler, plan.total_steps, warmup_steps=config.lr_warmup_steps,
+                          num_cycles=config.lr_scheduler_num_cycles if config.lr_scheduler == "cosine_with_restarts" else 1,
+                          cycle_decay=config.lr_cycle_decay if config.lr_scheduler == "cosine_with_restarts" else 1.0,
+                          min_lr_ratio=config.min_lr_ratio if decaying else 0.0)
+    return optimizer, make_lr_scheduler(optimizer, schedule)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    run_dir: Path,
+    models_dir: Path,
+    cache_dir: Path,
+    resume: bool = False,
+    stop: threading.Event | None = None,
+    stop_after: int | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
+) -> RunResult:
+    import torch
+
+    # 1. The accelerator: device, mixed precision, gradient accumulation, processes.
+    accelerator, precision = _accelerator(config)
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = EventLog(run_dir, on_event, config.tensorboard, main)
+    if precision != config.mixed_precision:
+        log.emit("message", 0, 0, text=f"mixed_precision {config.mixed_precision} needs a CUDA GPU; training in fp32")
+
+    # 2. Data: samples with buckets, the batch plan (global batch = per-device batch x processes).
+    data = collect_samples(config)
+    for warning in data.warnings:
+        log.emit("message", 0, 0, text=warning)
+    batch = config.train_batch_size
+    plan_batches = BatchPlan(data.train, batch * world, config.seed, keep_partial=world == 1)
+    plan = make_plan(config, plan_batches.batches_per_epoch)
+    log.emit("message", 0, 0, text=f"{data.images} images, {len(data.train)} samples with repeats and resolutions, "
+             f"{plan.batches_per_epoch} batches per epoch, {plan.total_steps} steps", plan=plan.__dict__)
+
+    # 3. The model, its network, the caption sampler and the caches.
+    model, source = _load_model(config, models_dir, accelerator.device, _weight_dtype(precision),
+                                lambda f, m: log.emit("message", 0, 0, text=m))
+    groups = model.add_network()
+    sampler = _caption_sampler(config)
+    latent_cache, text_cache, note = _caches(config, model, sampler, cache_dir)
+    if note:
+        log.emit("message", 0, 0, text=note)
+
+    # 4. Optimizer and LR schedule; the trained modules go through accelerate (DDP when distributed).
+    optimizer, scheduler = _optimizer_and_schedule(config, groups, plan)
+    prepared = accelerator.prepare(*model.trainable_modules(), optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    if config.train_text_encoder:
+        model.text_encoders = list(prepared[1:-1])
+    trainable = [p for g in groups for p in g["params"]]
+
+    # 5. Resume exactly where a saved state left off, or start fresh.
+    step, losses = 0, deque(maxlen=SMOOTHING_WINDOW)
+    if resume:
+        states = list_states(run_dir)
+        if not states:
+            raise StudioError(f"{run_dir} has no saved training state to resume from")
+        check_resumable(states[-1], config.resume_fingerprint())
+        state, network = load_state(states[-1], optimizer, scheduler)
+        model.load_network_state(network)
+        step, losses = state.step, deque(state.losses, maxlen=SMOOTHING_WINDOW)
+        log.truncate_after(step)
+        log.emit("message", step, state.epoch, text=f"resumed at step {step}")
+    builder = BatchBuilder(model, config, sampler, latent_cache, text_cache)
+    try:
+        _fill_caches(data.train + data.validation, latent_cache, text_cache, sampler, config, log, stop, main)
+    except _Stopped:
+        return RunResult("stopped", step, run_dir, [], "stopped while caching; nothing trained yet")
+
+    saver = Saver(config, model, run_dir, data, plan, source, optimizer, scheduler, main)
+    if data.validation and step == 0 and config.validate_every_n_steps:
+        log.emit("validation", 0, 0, loss=validation_loss(model, config, data.validation, builder))
+
+    # 6. The loop: one optimizer step = gradient_accumulation_steps micro-batches.
+    started, start_step = time.monotonic(), step
+    status, message = "done", ""
+    while step < plan.total_steps:
+        step_losses = []
+        for micro in range(step * plan.micro_per_step, (step + 1) * plan.micro_per_step):
+            epoch, index = divmod(micro, plan.batches_per_epoch)
+            global_batch = plan_batches.epoch(epoch)[index]
+            local = global_batch[rank * batch:(rank + 1) * batch] if world > 1 else global_batch
+            positions = range(rank * batch, rank * batch + len(local)) if world > 1 else range(len(local))
+            samples = [data.train[i] for i in local]
+            inputs = builder.build(samples, [seed_for(config.seed, micro, p) for p in positions])
+            with accelerator.accumulate(unet):
+                loss = diffusion_loss(model, config, inputs, unet=unet)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_losses.append(float(loss.detach()))
+        scheduler.step()
+        step += 1
+        epoch = (step * plan.micro_per_step - 1) // plan.batches_per_epoch
+        loss_value = sum(step_losses) / len(step_losses)
+        if not math.isfinite(loss_value):
+            last = saver.last_step
+            status = "failed"
+            message = (f"the loss became {loss_value} at step {step}; stopped. The last good checkpoint "
+                       f"(step {last}) is kept. Lower the learning rate or use fp32/bf16." if last else
+                       f"the loss became {loss_value} at step {step}; stopped before any checkpoint was saved. "
+                       "Lower the learning rate or use fp32/bf16.")
+            log.emit("message", step, epoch, text=message)
+            break
+        losses.append(loss_value)
+        elapsed = time.monotonic() - started
+        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        if step % config.log_every_n_steps == 0 or step == plan.total_steps:
+            log.emit("step", step, epoch, loss=loss_value, smoothed=sum(losses) / len(losses),
+                     lr=scheduler.get_last_lr()[0], it_s=rate,
+                     eta_s=(plan.total_steps - step) / rate if rate else None, peak_vram_gb=_peak_vram())
+        if data.validation and config.validate_every_n_steps and step % config.validate_every_n_steps == 0:
+            log.emit("validation", step, epoch, loss=validation_loss(model, config, data.validation, builder))
+        if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+            saver.samples(step, epoch, log)
+        epoch_end = (step * plan.micro_per_step) % plan.batches_per_epoch < plan.micro_per_step
+        stopping = (stop is not None and stop.is_set()) or (stop_after is not None and step >= stop_after)
+        if stopping or saver.due(step, epoch_end) or step == plan.total_steps:
+            saver.save(step, epoch, losses, log, final=step == plan.total_steps)
+        if stopping and step < plan.total_steps:
+            status, message = "stopped", f"stopped at step {step}; resume continues from here"
+            break
+
+    # 7. The end: the final LoRA (and samples) are written; what was saved is listed.
+    if status == "done":
+        if config.sample_prompts:
+            saver.samples(step, epoch, log)
+        message = f"done: {step} steps"
+    log.emit("message", step, 0, text=message, status=status)
+    log.close()
+    accelerator.wait_for_everyone()
+    return RunResult(status, step, run_dir, saver.loras(), message)
+
+
+def _peak_vram() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
+
+
+class Saver:
+    """Checkpoints (LoRA files + full training state), samples, and keeping the last K."""
+
+    def __init__(self, config, model, run_dir, data, plan, source, optimizer, scheduler, main):
+        self.config, self.model, self.run_dir, self.data, self.plan = config, model, run_dir, data, plan
+        self.source, self.optimizer, self.scheduler, self.main = source, optimizer, scheduler, main
+        self.last_step = 0
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        config = self.config
+        return bool((config.save_every_n_steps and step % config.save_every_n_steps == 0)
+                    or (config.save_every_n_epochs and epoch_end
+                        and ((step * self.plan.micro_per_step) // self.plan.batches_per_epoch)
+                        % config.save_every_n_epochs == 0))
+
+    def lora_name(self, step: int, final: bool) -> str:
+        return self.config.output_name if final else f"{self.config.output_name}-step{step:08d}"
+
+    def save(self, step: int, epoch: int, losses, log: EventLog, final: bool) -> None:
+        if not self.main:
+            return
+        from studio.training.checkpoint import TrainingState
+
+        name = self.lora_name(step, final)
+        folder = self.run_dir / "loras"
+        path = self.model.export_kohya(folder / f"{name}.safetensors", self.metadata(step, epoch, name))
+        if self.config.save_diffusers_format or path is None:
+            self.model.export_diffusers(self.run_dir / "diffusers", name)
+        state = TrainingState(step, step * self.plan.micro_per_step, epoch, self.config.resume_fingerprint(),
+                              list(losses))
+        save_state(self.run_dir, state, self.model.network_state(), self.optimizer, self.scheduler)
+        prune_states(self.run_dir, self.config.save_last_n)
+        self._prune_loras(folder)
+        self.last_step = step
+        log.emit("checkpoint", step, epoch, path=str(path) if path else "", state_step=step)
+
+    def _prune_loras(self, folder: Path) -> None:
+        steps = sorted(folder.glob(f"{self.config.output_name}-step*.safetensors"))
+        for old in steps[:-self.config.save_last_n]:
+            old.unlink(missing_ok=True)
+
+    def loras(self) -> list[Path]:
+        folder = self.run_dir / "loras"
+        return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+    def metadata(self, step: int, epoch: int, name: str) -> dict[str, str]:
+        from studio.models.lora_format import kohya_metadata
+
+        config = self.config
+        args = {"algo": config.network_type, "target": config.network_target}
+        width = config.resolutions[0]
+        return kohya_metadata(
+            output_name=name, network_dim=config.network_dim, network_alpha=config.network_alpha,
+            network_args=args, base_model_name=config.pretrained_model, learning_rate=config.learning_rate,
+            unet_lr=config.unet_lr, text_encoder_lr=config.text_encoder_lr if config.train_text_encoder else None,
+            optimizer=config.optimizer_type, lr_scheduler=config.lr_scheduler, max_train_steps=self.plan.total_steps,
+            steps=step, epoch=epoch + 1, num_epochs=math.ceil(self.plan.total_steps / self.plan.steps_per_epoch),
+            resolution=(width, width), tag_frequency=self.data.tag_frequency,
+        )
+
+    def samples(self, step: int, epoch: int, log: EventLog) -> None:
+        if not self.main:
+            return
+        from studio.generation.infotext import format_infotext, write_png
+
+        config = self.config
+        images = self.model.sample_images(config.sample_prompts, "", config.sample_seed, config.sample_steps,
+                                          tuple(config.sample_size), config.sample_cfg)
+        paths = []
+        for i, (prompt, image) in enumerate(zip(config.sample_prompts, images)):
+            text = format_infotext(prompt, "", {"Steps": config.sample_steps, "Sampler": "Euler a",
+                                                "CFG scale": config.sample_cfg, "Seed": config.sample_seed + i,
+                                                "Size": f"{image.width}x{image.height}",
+                                                "Model": self.source.name, "Training step": step})
+            paths.append(str(write_png(image, self.run_dir / "samples" / f"step{step:06d}-{i}.png", text)))
+        log.emit("sample", step, epoch, paths=paths)
