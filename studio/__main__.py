@@ -4,6 +4,7 @@ of the UI. Exit codes: 0 done, 1 the work failed (the message says why), 2 bad a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -115,8 +116,10 @@ def run_train(args: argparse.Namespace) -> int:
         config = resolve_config(preset=args.preset, config_file=args.config, overrides=train_overrides(args),
                                 presets_root=args.workspace / "presets")
         run_dir = args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)
-    write_run_config(run_dir, config)
-    with tqdm(total=None, unit="step", dynamic_ncols=True) as bar:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun, one bar
+    if main_process:
+        write_run_config(run_dir, config)
+    with tqdm(total=None, unit="step", dynamic_ncols=True, disable=not main_process) as bar:
 
         def on_event(event):
             if event.kind == "step":
@@ -125,7 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
             elif event.kind == "message" and "plan" in event.data:
                 bar.total = event.data["plan"]["total_steps"]
-            elif event.kind in ("message", "checkpoint", "validation"):
+            elif event.kind in ("message", "checkpoint", "validation") and main_process:
                 text = event.data.get("text") or event.data.get("path") or f"validation loss {event.data.get('loss'):.4f}"
                 bar.write(f"[step {event.step}] {text}")
 

@@ -150,3 +150,36 @@ def test_empty_dataset_is_a_clear_error(tmp_path, demo_models_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError):
         run(fast_config(tmp_path / "empty"), tmp_path, demo_models_dir)
+
+
+def test_static_captions_are_cached_and_reused_and_tensorboard_logs(dataset, tmp_path, demo_models_dir):
+    config = fast_config(dataset, max_train_steps=2, cache_text_encoder_outputs=True, tensorboard=True)
+    run(config, tmp_path, demo_models_dir, "first")
+    text_files = sorted((tmp_path / "cache" / "text").rglob("*.safetensors"))
+    latent_files = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    assert len(text_files) == 4 and len(latent_files) == 4  # four distinct captions and images
+    stamps = [p.stat().st_mtime_ns for p in text_files + latent_files]
+    run(config, tmp_path, demo_models_dir, "second")
+    assert [p.stat().st_mtime_ns for p in text_files + latent_files] == stamps, "the second run reuses the caches"
+    assert list((tmp_path / "first" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_latent_cache_keys_change_with_image_bucket_and_vae(dataset, tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from studio.training.cache import LatentCache
+    from studio.training.data import TrainSample
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64), "red").save(image)
+    sample = TrainSample(image, ("1girl",), "", 1, (96, 64), (96, 64), (96, 64), (0, 0), 64)
+    cache = LatentCache(tmp_path, "vae-a", encode=None)
+    key = cache.key(sample, False)
+    assert cache.key(sample, False) == key
+    assert cache.key(sample, True) != key
+    assert cache.key(replace(sample, bucket=(64, 96)), False) != key
+    assert LatentCache(tmp_path, "vae-b", encode=None).key(sample, False) != key
+    Image.new("RGB", (96, 64), "blue").save(image)
+    assert cache.key(sample, False) != key, "a changed image must not read a stale latent"

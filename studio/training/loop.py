@@ -179,26 +179,21 @@ class BatchBuilder:
 
 def diffusion_loss(model, config: TrainConfig, inputs, unet=None):
     """Per-sample MSE of the model's prediction against its target, min-SNR weighted if asked."""
-    import torch
+    from studio.training.objective import masked_mse, min_snr_weights, target_for
 
     latents, noise, timesteps, text, pooled, time_ids = inputs
     scheduler = model.noise_scheduler
+    prediction_type = scheduler.config.prediction_type
     noisy = scheduler.add_noise(latents, noise, timesteps)
     dtype = model.weight_dtype
     prediction = model.predict(noisy.to(dtype), timesteps, text.to(dtype), pooled.to(dtype), time_ids.to(dtype),
                                unet=unet).float()
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    per_sample = ((prediction - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    target = target_for(prediction_type, latents, noise, timesteps, scheduler)
+    weights = None
     if config.min_snr_gamma:
-        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-        snr = alphas / (1 - alphas)
-        clipped = torch.clamp(snr, max=config.min_snr_gamma)
-        weight = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
-        per_sample = per_sample * weight
-    return per_sample.mean()
+        weights = min_snr_weights(timesteps, scheduler.alphas_cumprod.to(timesteps.device), config.min_snr_gamma,
+                                  prediction_type)
+    return masked_mse(prediction, target, weights)
 
 
 def validation_loss(model, config: TrainConfig, samples: list[TrainSample], builder: BatchBuilder) -> float:

@@ -124,7 +124,9 @@ def zero_terminal_snr_scheduler(scheduler_or_config: Any) -> DDPMScheduler:
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type != "v_prediction":
         raise ConfigError("zero terminal SNR needs a v-prediction model, this one predicts "
-                          f"{prediction_type!r}: at the last timestep there is no signal left for epsilon to reveal")
+                          f"{prediction_type!r}: at the last timestep the input is pure noise, so "
+                          "predicting the noise teaches nothing; turn on v-parameterization or "
+                          "turn off zero terminal SNR")
     return DDPMScheduler.from_config(config, rescale_betas_zero_snr=True)
 
 

@@ -145,11 +145,11 @@ class SDXLTrainingModel:
         return module_identity(self.vae)
 
     def time_ids(self, originals, crops, buckets):
-        """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample, as SDXL was trained."""
-        import torch
+        """SDXL's size conditioning from (width, height) sizes and (left, top) crops, as trained."""
+        from studio.training.objective import sdxl_time_ids
 
-        rows = [[o[1], o[0], c[1], c[0], b[1], b[0]] for o, c, b in zip(originals, crops, buckets)]
-        return torch.tensor(rows, dtype=torch.float32, device=self.device)
+        return sdxl_time_ids([(o[1], o[0]) for o in originals], [(c[1], c[0]) for c in crops],
+                             [(b[1], b[0]) for b in buckets], device=self.device)
 
     def predict(self, noisy, timesteps, text, pooled, time_ids, unet=None):
         unet = unet or self.unet

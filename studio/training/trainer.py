@@ -20,13 +20,15 @@ from studio.training.loop import (SMOOTHING_WINDOW, BatchBuilder, EventLog, Plan
 
 
 def _accelerator(config: TrainConfig):
+    """One Accelerator per run. Without CUDA it runs on the CPU, in fp32, and several processes
+    (accelerate launch / torchrun) train data-parallel over gloo."""
+    import torch
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=config.gradient_accumulation_steps)
-    precision = config.mixed_precision if accelerator.device.type == "cuda" else "no"
-    if precision != "no":
-        accelerator = Accelerator(mixed_precision=precision,
-                                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    cuda = torch.cuda.is_available()
+    precision = config.mixed_precision if cuda else "no"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
     return accelerator, precision
 
 
@@ -195,7 +197,8 @@ def train(
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_losses.append(float(loss.detach()))
+            # the loss of the whole global batch, averaged over processes
+            step_losses.append(float(accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()))
         scheduler.step()
         step += 1
         epoch = (step * plan.micro_per_step - 1) // plan.batches_per_epoch
@@ -233,6 +236,10 @@ def train(
         if config.sample_prompts:
             saver.samples(step, epoch, log)
         message = f"done: {step} steps"
+    if world > 1:  # every process must hold the same network: say so in the log
+        checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in trainable)], device=accelerator.device)
+        sums = [float(v) for v in accelerator.gather(checksum).tolist()]
+        log.emit("message", step, 0, text=f"network checksum per process: {sums}", checksums=sums)
     log.emit("message", step, 0, text=message, status=status)
     log.close()
     accelerator.wait_for_everyone()
