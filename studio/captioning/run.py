@@ -96,14 +96,20 @@ def caption_dataset(
     *,
     report: Report | None = None,
     stop: threading.Event | None = None,
+    dataset=None,
 ) -> CaptionRunReport:
+    """Caption `config.dataset`. Pass the app's shared Dataset object of that folder as `dataset` so
+    the job's writes share its lock and undo history with the editor."""
     from studio.dataset.dataset import Dataset
 
     report = report or (lambda fraction, message: None)
     started = time.monotonic()
 
     # 1. The dataset: every problem file is reported, the good ones are captioned.
-    dataset = Dataset.open(Path(config.dataset))
+    if dataset is None:
+        dataset = Dataset.open(Path(config.dataset))
+    else:
+        dataset.scan()
     scan = dataset.report
     run = CaptionRunReport(images=len(dataset.items))
     run.skipped += [(p.path.name, p.reason) for p in scan.problems if p.severity == "skip"]
