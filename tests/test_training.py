@@ -183,3 +183,25 @@ def test_latent_cache_keys_change_with_image_bucket_and_vae(dataset, tmp_path):
     assert LatentCache(tmp_path, "vae-b", encode=None).key(sample, False) != key
     Image.new("RGB", (96, 64), "blue").save(image)
     assert cache.key(sample, False) != key, "a changed image must not read a stale latent"
+
+
+@pytest.mark.parametrize("network", ["dora", "lokr"])
+def test_other_network_types_train_and_export(dataset, tmp_path, demo_models_dir, network):
+    result = run(fast_config(dataset, max_train_steps=2, network_type=network), tmp_path, demo_models_dir)
+    assert result.status == "done"
+    if network == "dora":  # kohya file with DoRA magnitudes
+        keys = load_file(str(result.run_dir / "loras" / "lora.safetensors")).keys()
+        assert any(k.endswith(".dora_scale") for k in keys)
+    else:  # peft's own format only: A1111/ComfyUI cannot read LoKr from a kohya file we would write
+        assert result.loras == []
+        adapter = result.run_dir / "diffusers" / "lora" / "unet"
+        assert any("lokr" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_text_encoder_lora_is_exported_under_kohya_te_names(dataset, tmp_path, demo_models_dir):
+    result = run(fast_config(dataset, max_train_steps=2, train_text_encoder=True, text_encoder_lr=5e-4),
+                 tmp_path, demo_models_dir)
+    keys = load_file(str(result.run_dir / "loras" / "lora.safetensors")).keys()
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)

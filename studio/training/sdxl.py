@@ -200,6 +200,8 @@ class SDXLTrainingModel:
         from studio.fileio import atomic_path
 
         parts = self.network_state()
+        if self.config.network_type not in KOHYA_EXPORTABLE:
+            return self.export_peft(folder / name, parts)
         target = folder / f"{name}.safetensors"
         with atomic_path(target) as tmp:
             StableDiffusionXLPipeline.save_lora_weights(
@@ -212,3 +214,21 @@ class SDXLTrainingModel:
                 unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
             )
         return target
+
+    def export_peft(self, folder: Path, parts: dict[str, dict]) -> Path:
+        """LoKr/LoHa in peft's own layout (adapter_model.safetensors + adapter_config.json per
+        component): reloadable with peft; A1111/ComfyUI do not read it."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from studio.fileio import atomic_path, atomic_write_text
+
+        modules = {"unet": self.unet, "text_encoder": self.text_encoders[0], "text_encoder_2": self.text_encoders[1]}
+        for component, state in parts.items():
+            with atomic_path(folder / component / "adapter_model.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                          metadata={"network_type": self.config.network_type})
+            config = modules[component].peft_config["default"].to_dict()
+            atomic_write_text(folder / component / "adapter_config.json", json.dumps(config, default=list, indent=1))
+        return folder
