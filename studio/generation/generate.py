@@ -123,7 +123,7 @@ def generate(
     folder.mkdir(parents=True, exist_ok=True)
 
     images: list[GeneratedImage] = []
-    with manager.gpu_lane("generation"), manager.use(record) as pipe:
+    with manager.gpu_lane("generation"), manager.use(record):
         runner = SDXLRunner.for_record(record, manager)
         # 4. LoRAs: load, verify each changes the model, weight them; unused ones are removed.
         warnings = runner.apply_loras(config.loras)

@@ -135,26 +135,28 @@ class SDXLRunner:
 
     def run_with_oom_retry(self, fn: Callable[[], list], warnings: list[str]) -> list:
         """Run `fn`; on CUDA out-of-memory free memory, lower the memory use once and retry."""
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        # Retry outside the except block so the failed attempt's frames (and tensors) are freed.
+        advice = "lower the size, batch size or hires scale, or restart with --vram low"
+        result, out_of_memory = _attempt(fn)
+        if not out_of_memory:
+            return result
         free_accelerator_memory()
         change = self._lower_memory()
         if change is None:
-            raise StudioError(
-                "out of GPU memory: lower the size, batch size or hires scale, or restart with --vram low"
-            )
+            raise StudioError(f"out of GPU memory: {advice}")
         warnings.append(f"ran out of GPU memory; retried with {change}")
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
+        result, out_of_memory = _attempt(fn)
+        if not out_of_memory:
+            return result
         free_accelerator_memory()
-        raise StudioError(
-            f"out of GPU memory even with {change}: lower the size, batch size or hires scale, "
-            "or restart with --vram low"
-        )
+        raise StudioError(f"out of GPU memory even with {change}: {advice}")
+
+
+def _attempt(fn: Callable[[], list]) -> tuple[list | None, bool]:
+    """(result, False), or (None, True) after a CUDA out-of-memory error. Returning from the except
+    block lets the failed attempt's frames (and their tensors) be freed before a retry."""
+    try:
+        return fn(), False
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    return None, True

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from studio.errors import LoraError, UnsafeCheckpointError
+from studio.models.catalog import PICKLE_SUFFIXES
+from studio.models.sgm_convert import UNET_RESNET_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 SDXL_LORA_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -43,14 +44,6 @@ ModelFamily = Literal["sdxl", "sd1", "sd2", "anima", "flux", "unknown"]
 # ---------------------------------------------------------------------------------------------
 # 1. Names: diffusers UNet paths -> original SGM paths -> kohya lora names
 # ---------------------------------------------------------------------------------------------
-_RESNET_INNER = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 _TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
@@ -69,11 +62,11 @@ _MID_PATH = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.(.+))?$")
 
 
 def _resnet_inner(inner: str | None, module_path: str) -> str:
-    if inner not in _RESNET_INNER:
+    if inner not in UNET_RESNET_NAMES:
         raise LoraError(
             f"cannot map UNet module {module_path!r} to the SGM layout: unknown resnet part {inner!r}"
         )
-    return _RESNET_INNER[inner]
+    return UNET_RESNET_NAMES[inner]
 
 
 def _attention_inner(inner: str | None, module_path: str) -> str:
@@ -516,7 +509,7 @@ def _family_from_metadata(metadata: dict[str, str]) -> ModelFamily:
 # starts with attention; SD1/2 have attention at the first level, 4 levels and depth-1 blocks.
 _SEP = r"[._]"
 _SDXL_SIGNS = [
-    re.compile(rf"(^|\n)(lora_te[12]_|text_encoder_2\.)"),
+    re.compile(r"(^|\n)(lora_te[12]_|text_encoder_2\.)"),
     re.compile(r"label_emb|add_embedding"),
     re.compile(rf"transformer_blocks{_SEP}[1-9]\d*{_SEP}"),
     re.compile(rf"output_blocks{_SEP}[0-2]{_SEP}1{_SEP}(transformer_blocks|proj_in|proj_out)"),

@@ -19,7 +19,7 @@ SGM_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 SGM_VAE_PREFIX = "first_stage_model."
 
-_UNET_RESNET_NAMES = {
+UNET_RESNET_NAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -57,16 +57,16 @@ def _unet_prefix_table(config) -> dict[str, tuple[str, dict[str, str]]]:
         "time_embedding.linear_2.": ("time_embed.2.", {}),
         "add_embedding.linear_1.": ("label_emb.0.0.", {}),
         "add_embedding.linear_2.": ("label_emb.0.2.", {}),
-        "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET_NAMES),
+        "mid_block.resnets.0.": ("middle_block.0.", UNET_RESNET_NAMES),
         "mid_block.attentions.0.": ("middle_block.1.", {}),
-        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET_NAMES),
+        "mid_block.resnets.1.": ("middle_block.2.", UNET_RESNET_NAMES),
         "conv_norm_out.": ("out.0.", {}),
         "conv_out.": ("out.2.", {}),
     }
     index = 1
     for level in range(levels):
         for layer in range(layers[level]):
-            table[f"down_blocks.{level}.resnets.{layer}."] = (f"input_blocks.{index}.0.", _UNET_RESNET_NAMES)
+            table[f"down_blocks.{level}.resnets.{layer}."] = (f"input_blocks.{index}.0.", UNET_RESNET_NAMES)
             table[f"down_blocks.{level}.attentions.{layer}."] = (f"input_blocks.{index}.1.", {})
             index += 1
         if level < levels - 1:
@@ -75,7 +75,7 @@ def _unet_prefix_table(config) -> dict[str, tuple[str, dict[str, str]]]:
     index = 0
     for level, (block_type, level_layers) in enumerate(zip(config["up_block_types"], reversed(layers))):
         for layer in range(level_layers + 1):
-            table[f"up_blocks.{level}.resnets.{layer}."] = (f"output_blocks.{index}.0.", _UNET_RESNET_NAMES)
+            table[f"up_blocks.{level}.resnets.{layer}."] = (f"output_blocks.{index}.0.", UNET_RESNET_NAMES)
             table[f"up_blocks.{level}.attentions.{layer}."] = (f"output_blocks.{index}.1.", {})
             index += 1
         if level < levels - 1:

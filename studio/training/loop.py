@@ -9,18 +9,14 @@ would, and a data-parallel run draws what a single process with the same global 
 from __future__ import annotations
 
 import json
-import math
 import random
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.errors import ConfigError, StudioError
+from studio.errors import ConfigError
 from studio.training.config import TrainConfig
-from studio.training.data import BatchPlan, TrainSample, collect_samples, crop_for
+from studio.training.data import TrainSample, crop_for
 
 SMOOTHING_WINDOW = 20
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)

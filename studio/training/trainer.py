@@ -273,8 +273,6 @@ class Saver:
     def save(self, step: int, epoch: int, losses, log: EventLog, final: bool) -> None:
         if not self.main:
             return
-        from studio.training.checkpoint import TrainingState
-
         name = self.lora_name(step, final)
         folder = self.run_dir / "loras"
         path = self.model.export_kohya(folder / f"{name}.safetensors", self.metadata(step, epoch, name))
