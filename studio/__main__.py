@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="train a LoRA (same engine as the Train tab)")
     tr.add_argument("config", nargs="?", type=Path, help="a TOML config (kohya key names), merged over the preset")
     tr.add_argument("--preset", help="a training preset, e.g. animagine-xl-3.1-character or demo-sdxl")
+    tr.add_argument("--import-kohya", type=Path, metavar="FILE",
+                    help="a kohya_ss GUI config (.json) or sd-scripts config (.toml), laid under CONFIG and the "
+                         "flags; the settings it cannot use are listed")
     tr.add_argument("--dataset", action="append", default=[], type=Path, help="dataset folder (repeatable)")
     tr.add_argument("--output-dir", type=Path, help="the run folder (default: WORKSPACE/runs/<name>-<time>)")
     tr.add_argument("--output-name", help="LoRA file name")
@@ -92,17 +95,47 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def resolve_train_config(args: argparse.Namespace, presets_root: Path | None = None):
+    """Defaults <- preset <- --import-kohya <- CONFIG.toml <- flags."""
+    from studio.training.runs import resolve_config
+
+    overrides, config_file = train_overrides(args), args.config
+    if args.import_kohya:
+        overrides, config_file = kohya_layers(args, overrides), None
+    return resolve_config(preset=args.preset, config_file=config_file, overrides=overrides, presets_root=presets_root)
+
+
+def kohya_layers(args: argparse.Namespace, overrides: dict) -> dict:
+    """The imported kohya settings with CONFIG.toml and the flags laid over them; prints what was left out."""
+    from studio.presets import merge
+    from studio.training.kohya_import import import_kohya_file
+    from studio.training.runs import read_toml
+
+    imported = import_kohya_file(args.import_kohya)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"kohya config {args.import_kohya}: {len(imported.ignored)} setting(s) not used by the studio"
+              + (":" if imported.ignored else ""))
+        for key, value in imported.ignored:
+            print(f"  ignored {key} = {value!r}")
+        for note in imported.notes:
+            print(f"  note: {note}")
+    layered = imported.values
+    if args.config:
+        layered = merge(layered, read_toml(args.config), where=str(args.config))
+    return merge(layered, overrides, where="the command line")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from studio.training.runs import new_run_dir, read_run_config, resolve_config, write_run_config
+    from studio.training.runs import new_run_dir, read_run_config, write_run_config
     from studio.training.trainer import train
 
     if args.resume:
         run_dir = args.resume
         config = read_run_config(run_dir)
-        if args.config or args.preset or train_overrides(args):
-            changed = resolve_config(preset=args.preset, config_file=args.config, overrides=train_overrides(args))
+        if args.config or args.preset or args.import_kohya or train_overrides(args):
+            changed = resolve_train_config(args)
             from studio.training.checkpoint import check_resumable, list_states
 
             states = list_states(run_dir)
@@ -110,11 +143,10 @@ def run_train(args: argparse.Namespace) -> int:
                 check_resumable(states[-1], changed.resume_fingerprint())
             config = changed
     else:
-        if not (args.config or args.preset):
-            print("error: give a CONFIG.toml or --preset NAME", file=sys.stderr)
+        if not (args.config or args.preset or args.import_kohya):
+            print("error: give a CONFIG.toml, --preset NAME or --import-kohya FILE", file=sys.stderr)
             return 2
-        config = resolve_config(preset=args.preset, config_file=args.config, overrides=train_overrides(args),
-                                presets_root=args.workspace / "presets")
+        config = resolve_train_config(args, presets_root=args.workspace / "presets")
         run_dir = args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun, one bar
     if main_process:

@@ -205,3 +205,15 @@ def test_text_encoder_lora_is_exported_under_kohya_te_names(dataset, tmp_path, d
     keys = load_file(str(result.run_dir / "loras" / "lora.safetensors")).keys()
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "Prodigy", "Lion", "Adafactor"])
+def test_every_optimizer_saves_and_resumes_exactly(dataset, tmp_path, demo_models_dir, optimizer):
+    pytest.importorskip({"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt", "Lion": "lion_pytorch"}.get(
+        optimizer, "transformers"))
+    lr = 1.0 if optimizer == "Prodigy" else 1e-3
+    config = fast_config(dataset, max_train_steps=4, save_every_n_steps=2, optimizer_type=optimizer, learning_rate=lr)
+    whole = run(config, tmp_path, demo_models_dir, "whole")
+    run(config, tmp_path, demo_models_dir, "split", stop_after=2)
+    resumed = run(config, tmp_path, demo_models_dir, "split", resume=True)
+    assert step_losses(resumed.run_dir) == step_losses(whole.run_dir)

@@ -27,26 +27,37 @@ class TrainingState:
     losses: list[float]  # the smoothed-loss window, so the smoothed curve continues exactly
 
 
-def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
-    """optimizer.state_dict() -> (tensors by flat name, JSON-able rest)."""
+def _split(value, path: str, tensors: dict):
+    """Tensors out of a nested state (bitsandbytes keeps its 8-bit state in nested dicts) into
+    `tensors` by dotted path; what is left is JSON-able."""
     import torch
 
-    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, values in state["state"].items():
-        plain["state"][str(index)] = {}
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                plain["state"][str(index)][name] = value
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {str(key): _split(item, f"{path}.{key}", tensors) for key, item in value.items()}
+    return value
+
+
+def _join(value, tensors: dict):
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {key: _join(item, tensors) for key, item in value.items()}
+    return value
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
+    """optimizer.state_dict() -> (tensors by flat name, JSON-able rest)."""
+    tensors: dict = {}
+    plain = {"param_groups": state["param_groups"],
+             "state": {str(index): _split(values, str(index), tensors) for index, values in state["state"].items()}}
     return tensors, plain
 
 
 def _join_optimizer_state(tensors: dict, plain: dict) -> dict:
-    state: dict[int, dict] = {int(index): dict(values) for index, values in plain["state"].items()}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
+    state = {int(index): _join(values, tensors) for index, values in plain["state"].items()}
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
