@@ -156,6 +156,21 @@ class SDXLTrainingModel:
         return unet(noisy, timesteps, encoder_hidden_states=text,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
+    # -- memory ---------------------------------------------------------------------------------
+    def park_frozen(self, text: bool, vae: bool) -> None:
+        """Move frozen parts whose outputs are all cached off the GPU (about 2 GB for SDXL's text
+        encoders and fp32 VAE); `sample_images` brings them back for its few seconds."""
+        if self.device.type != "cuda":
+            return
+        self._parked = [m for m, cached in ((self.text_encoders[0], text), (self.text_encoders[1], text),
+                                            (self.vae, vae)) if cached]
+        for module in self._parked:
+            module.to("cpu")
+
+    def _unpark(self, back: bool) -> None:
+        for module in getattr(self, "_parked", []):
+            module.to(self.device if back else "cpu")
+
     # -- outputs -------------------------------------------------------------------------------
     def sample_images(self, prompts: list[str], negative: str, seed: int, steps: int, size: tuple[int, int],
                       cfg: float) -> list:
@@ -169,6 +184,7 @@ class SDXLTrainingModel:
         pipe.set_progress_bar_config(disable=True)
         was_training = self.unet.training
         self.unet.eval()
+        self._unpark(back=True)
         try:
             images = []
             for i, prompt in enumerate(prompts):
@@ -180,6 +196,7 @@ class SDXLTrainingModel:
         finally:
             pipe.scheduler = original
             self.unet.train(was_training)
+            self._unpark(back=False)
 
     def export_kohya(self, path: Path, metadata: dict[str, str]) -> Path | None:
         """The network as a kohya LoRA file (SGM names, real alpha); None for LoKr/LoHa."""

@@ -173,6 +173,7 @@ def train(
         _fill_caches(data.train + data.validation, latent_cache, text_cache, sampler, config, log, stop, main)
     except _Stopped:
         return RunResult("stopped", step, run_dir, [], "stopped while caching; nothing trained yet")
+    model.park_frozen(text=text_cache is not None, vae=latent_cache is not None)
 
     saver = Saver(config, model, run_dir, data, plan, source, optimizer, scheduler, main)
     if data.validation and step == 0 and config.validate_every_n_steps:
