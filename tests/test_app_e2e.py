@@ -83,3 +83,61 @@ def test_lora_from_the_workspace_changes_the_image_and_grid_endpoint(client, app
                                        "0.5, 1.0", "1girl", api_name="/grid", **small)
     grid = Image.open(grid_path)
     assert grid.width > 512 and grid.height > 512 and "Grid done" in status
+
+
+def test_caption_endpoint_captions_a_dataset_and_reports_broken_files(client, app_server):
+    from gradio_client.exceptions import AppError
+
+    folder = app_server.workspace / "datasets" / "e2e-caption" / "3_chars"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 32 + 16 * i, 3)) * 255).astype("uint8")).save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    summary, details = client.predict("e2e-caption", tagger="demo-tagger", trigger="e2echar", api_name="/caption")
+    assert summary.startswith("Done: 3 images, 3 tagged") and "skipped broken.png: " in summary
+    assert details["tagged"] == [f"3_chars/im{i}.png" for i in range(3)]
+    for i in range(3):
+        tags = (folder / f"im{i}.txt").read_text().split(", ")
+        assert tags[0] == "e2echar" and len(tags) > 2
+    again, _ = client.predict("datasets/e2e-caption", api_name="/caption")  # skip: nothing to do
+    assert again.startswith("Done: 3 images, 0 tagged, 3 already captioned")
+    with pytest.raises(AppError, match="no dataset folder 'nope'"):
+        client.predict("nope", api_name="/caption")
+    with pytest.raises(AppError, match="outside the workspace"):
+        client.predict("/etc", api_name="/caption")
+
+
+def test_train_endpoint_trains_in_the_background_refuses_generation_and_stops_with_a_checkpoint(client, app_server):
+    import time
+    from pathlib import Path
+
+    from gradio_client.exceptions import AppError
+
+    from tests.train_fixtures import make_dataset
+
+    def status_until(done, timeout=300):
+        deadline = time.monotonic() + timeout
+        while True:
+            text, details = client.predict(api_name="/train_status")
+            if done(details) or time.monotonic() > deadline:
+                return text, details
+            time.sleep(0.3)
+
+    make_dataset(app_server.workspace / "datasets" / "e2e-train")
+    run_dir, started = client.predict("e2e-train", preset="demo-sdxl", max_train_steps=5000, api_name="/train")
+    assert started.startswith("Started e2e-train-") and Path(run_dir).parent == (app_server.workspace / "runs").resolve()
+    try:
+        text, details = status_until(lambda d: d.get("step", 0) >= 2)
+        assert details["run_dir"] == run_dir and details["state"] == "running", text
+        assert details["total_steps"] == 5000 and text.startswith("Training · step ")
+        with pytest.raises(AppError, match="the GPU is busy: training e2e-train is running"):
+            client.predict("1girl", api_name="/generate", steps=1, width=256, height=256)
+    finally:  # leave the shared app free for the other tests
+        stopping = client.predict(api_name="/train_stop")
+        text, details = status_until(lambda d: d["state"] not in ("running", "stopping"))
+    assert stopping.startswith("Stopping") and details["state"] == "stopped", text
+    assert text.startswith(f"Stopped at step {details['step']}/5000")
+    assert details["checkpoints"][-1].endswith(f"e2e-train-step{details['step']:08d}.safetensors")
+    assert Path(details["checkpoints"][-1]).is_file()
+    assert client.predict("1girl", api_name="/generate", steps=1, width=256, height=256), "the GPU is free again"

@@ -12,17 +12,25 @@ LAUNCH_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def page(app_server, chromium_path):
+def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         # launch() starts from a fresh temporary profile of its own each time
         browser = playwright.chromium.launch(executable_path=chromium_path, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_server.url)
-        page.wait_for_selector("#gen-button", timeout=30_000)
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_server, browser):
+    """The Generate tab (the Caption tab comes first and opens by default)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url)
+    page.get_by_role("tab", name="Generate").click()
+    page.wait_for_selector("#gen-button", timeout=30_000)
+    yield page
+    page.close()
 
 
 def test_type_prompt_click_generate_and_see_the_image(page, tmp_path):
@@ -38,3 +46,104 @@ def test_type_prompt_click_generate_and_see_the_image(page, tmp_path):
 
 def test_demo_mode_is_labelled_as_random_weights(page):
     assert "random-weight" in page.locator("body").inner_text()
+
+
+@pytest.fixture
+def caption_page(app_server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url)
+    page.wait_for_selector("#cap-start", timeout=30_000)
+    yield page
+    page.close()
+
+
+def test_caption_a_dataset_then_edit_and_save_one_caption(caption_page, app_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    page = caption_page
+    folder = app_server.workspace / "datasets" / "browser-caption"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray((rng.random((64, 40 + 16 * i, 3)) * 255).astype("uint8")).save(folder / f"pic{i}.png")
+
+    # the folder was made after the page was built: Refresh lists it
+    page.locator("#cap-refresh").click()
+    page.locator("#cap-dataset input").click()
+    page.get_by_role("option", name="browser-caption").click()
+    page.wait_for_function("document.querySelector('#cap-scan').innerText.includes('3 images')", timeout=30_000)
+    assert page.locator("#cap-gallery").get_by_text("(no tags)").count() == 3
+
+    page.locator("#cap-trigger input, #cap-trigger textarea").first.fill("browserchar")
+    page.locator("#cap-start").click()
+    page.wait_for_function("document.querySelector('#cap-status').innerText.includes('Done')", timeout=60_000)
+    assert "3 tagged" in page.locator("#cap-status").inner_text()
+    page.wait_for_function(
+        "document.querySelector('#cap-gallery').innerText.split('browserchar').length - 1 === 3", timeout=10_000)
+
+    page.locator("#cap-gallery button img").nth(1).click()
+    tags = page.locator("#cap-edit-tags textarea")
+    page.wait_for_function("document.querySelector('#cap-edit-tags textarea').value.startsWith('browserchar, ')",
+                           timeout=10_000)
+    assert tags.input_value() == (folder / "pic1.txt").read_text()
+    tags.fill("browserchar, 1girl, edited by hand")
+    page.locator("#cap-edit-nl textarea").fill("A girl, edited in the browser.")
+    page.locator("#cap-save").click()
+    page.wait_for_function("document.querySelector('#cap-edit-msg').innerText.includes('Saved')", timeout=10_000)
+    assert (folder / "pic1.txt").read_text() == "browserchar, 1girl, edited by hand"
+    assert (folder / "pic1_nl.txt").read_text() == "A girl, edited in the browser."
+    page.locator("#cap-gallery").get_by_text("[NL] browserchar, 1girl, edited by hand").wait_for(timeout=10_000)
+    page.screenshot(path=str(tmp_path / "caption.png"), full_page=True)
+
+
+@pytest.fixture
+def train_page(app_server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_server.url)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-start", timeout=30_000)
+    yield page
+    page.close()
+
+
+LOSS_POINTS = """() => Array.from(document.querySelectorAll('#train-loss svg path[aria-roledescription="line mark"]'))
+                     .map(path => (path.getAttribute('d') || '').split(/[ML]/).length - 1)"""
+
+
+def test_train_from_the_tab_watch_the_loss_curve_grow_then_stop(train_page, app_server, tmp_path):
+    from tests.train_fixtures import make_dataset
+
+    page = train_page
+    make_dataset(app_server.workspace / "datasets" / "browser-train")
+    for preset, dim in (("small-dataset", "8"), ("demo-sdxl", "4")):  # a preset fills the form
+        page.locator("#train-preset input").click()
+        page.get_by_role("option", name=preset).click()
+        page.wait_for_function(f"document.querySelector('#train-network-dim input[type=number]').value === '{dim}'",
+                               timeout=10_000)
+    page.locator("#train-datasets-refresh").click()  # the folder was made after the page was built
+    page.locator("#train-datasets input").click()
+    page.get_by_role("option", name="browser-train").click()
+    page.keyboard.press("Escape")
+    page.locator("#train-max-steps input").fill("5000")  # long enough to be stopped by hand
+    page.wait_for_function("document.querySelector('#train-summary').innerText.includes('5000 steps in all')",
+                           timeout=30_000)
+    assert "4 images" in page.locator("#train-summary").inner_text()
+    assert page.locator("#train-output-name textarea").input_value() == "browser-train"
+
+    page.locator("#train-start").click()
+    try:
+        page.wait_for_function("document.querySelector('#train-status').innerText.includes('Training')",
+                               timeout=300_000)
+        page.wait_for_function(f"({LOSS_POINTS})()[0] >= 2", timeout=300_000)  # raw loss: two points and more
+        first = page.evaluate(LOSS_POINTS)[0]
+        page.wait_for_function(f"({LOSS_POINTS})()[0] > {first}", timeout=300_000)  # it grows while training
+    finally:
+        page.locator("#train-stop").click()  # leave the shared app free for the other tests
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('Stopped at step')",
+                           timeout=300_000)
+    status = page.locator("#train-status").inner_text()
+    assert "a checkpoint was saved" in status and "/5000" in status
+    assert page.locator("#train-run input").input_value().startswith("browser-train-")
+    page.locator("#train-checkpoints").get_by_text("browser-train-step").last.wait_for(timeout=10_000)
+    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)

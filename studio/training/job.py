@@ -39,7 +39,8 @@ def start_training(jobs: JobRunner, manager: ModelManager, config: TrainConfig, 
                     total = event.step + event.data["eta_s"] * (event.data.get("it_s") or 0)
                     fraction = event.step / total if total else None
                 text = event.data.get("text") or f"step {event.step}"
-                job.report(fraction, text, kind=event.kind, step=event.step, epoch=event.epoch, **event.data)
+                data = {k: v for k, v in event.data.items() if k != "fraction"}  # caching's own progress
+                job.report(fraction, text, kind=event.kind, step=event.step, epoch=event.epoch, **data)
 
             result = train(config, run_dir=run_dir, models_dir=workspace / "models", cache_dir=workspace / "cache",
                            resume=resume, stop=job.stop_event, on_event=on_event)

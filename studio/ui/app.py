@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.context import AppContext
-from studio.ui import generate_tab, status
+from studio.ui import caption_tab, generate_tab, status, train_tab
 
 CSS_FILE = "assets/studio.css"
 
@@ -14,9 +14,15 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Anime LoRA Studio", analytics_enabled=False) as app:
         gr.Markdown("# Anime LoRA Studio" + (" · demo mode (tiny random-weight models)" if ctx.settings.demo else ""))
         status.build_and_wire(ctx)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            with gr.Tab("Caption", id="caption"):
+                caption = caption_tab.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build(ctx)
             with gr.Tab("Generate", id="generate"):
                 tab = generate_tab.build(ctx)
+        caption_tab.wire(ctx, caption)
+        train_tab.wire(ctx, train, generate=tab, tabs=tabs)
         generate_tab.wire(ctx, tab)
     app.queue(default_concurrency_limit=1)
     return app

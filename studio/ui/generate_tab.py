@@ -82,7 +82,7 @@ def build(ctx: AppContext) -> GenerateTab:
                 f["seed"] = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 f["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                 f["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
-            with gr.Accordion("LoRA stack", open=False):
+            with gr.Accordion("LoRA stack", open=False) as c["lora_stack"]:
                 choices = lora_choices(ctx)
                 for i in range(1, LORA_SLOTS + 1):
                     with gr.Row():
@@ -115,7 +115,8 @@ def build(ctx: AppContext) -> GenerateTab:
             c["png_file"] = gr.File(label="Drop a PNG made by the studio, A1111, Forge or ComfyUI", file_types=["image"])
             c["png_text"] = gr.Textbox(label="Parameters", lines=6, interactive=False)
         c["png_send"] = gr.Button("Send to the form")
-    with gr.Accordion("Comparison grid (X/Y plot): pick an epoch and a weight", open=False):
+    grid_title = "Comparison grid (X/Y plot): pick an epoch and a weight"
+    with gr.Accordion(grid_title, open=False) as c["grid_accordion"]:
         with gr.Row():
             c["x_kind"] = gr.Dropdown(list(AXIS_CHOICES), value="LoRA file", label="X axis")
             c["x_values"] = gr.Textbox(label="X values (comma separated; LoRA file names from workspace/loras)")
