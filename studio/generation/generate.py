@@ -1,8 +1,9 @@
 """Text-to-image generation: one validated GenerateConfig in, saved PNGs with infotext out.
 
 `generate()` reads top to bottom in numbered steps, in the manner of a diffusers pipeline call.
-The family-specific work (SDXL here) lives in its own module; this file owns the flow: model,
-prompt, seeds, LoRAs, sampling with progress and stop, out-of-memory recovery, saving.
+The family-specific work lives in its own module (sdxl.py: SDXLRunner, anima.py: AnimaRunner,
+chosen by the model's family); this file owns the flow: model, prompt, seeds, LoRAs, sampling with
+progress and stop, out-of-memory recovery, saving.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from studio import __version__
 from studio.errors import JobStopped, LoraError
 from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_png
-from studio.generation.prompt import build_prompt
+from studio.generation.prompt import build_anima_prompt, build_prompt
 from studio.generation.samplers import SAMPLERS
 from studio.models.manager import ModelManager, ModelRecord
 from studio.schemas import MAX_SEED, GenerateConfig
@@ -96,6 +97,33 @@ def infotext_params(config: GenerateConfig, record: ModelRecord, seed: int, lora
     return params
 
 
+def config_for_family(config: GenerateConfig, family: str) -> GenerateConfig:
+    """`config` checked for what the model family cannot do, before the model loads; Anima also
+    takes its own sampler where the config left the (SDXL) default."""
+    if family == "anima":
+        from studio.generation.anima import anima_config
+
+        return anima_config(config)
+    return config
+
+
+def family_prompt(config: GenerateConfig, family: str) -> tuple[str, str]:
+    """The model's own prompt conventions: Anima's special tags lead, Animagine's follow."""
+    builder = build_anima_prompt if family == "anima" else build_prompt
+    return builder(config.prompt, config.negative_prompt, config.style)
+
+
+def runner_for(record: ModelRecord, manager: ModelManager):
+    """The record's runner (made once, kept with the record) for its model family."""
+    if record.source.family == "anima":
+        from studio.generation.anima import AnimaRunner
+
+        return AnimaRunner.for_record(record, manager)
+    from studio.generation.sdxl import SDXLRunner
+
+    return SDXLRunner.for_record(record, manager)
+
+
 def generate(
     manager: ModelManager,
     config: GenerateConfig,
@@ -105,17 +133,16 @@ def generate(
     report: Report | None = None,
     stop: threading.Event | None = None,
 ) -> GenerateResult:
-    from studio.generation.sdxl import SDXLRunner
-
     report = report or (lambda fraction, message: None)
 
-    # 1. The model: resolve the reference, load it on first use (with progress).
+    # 1. The model: resolve the reference, check what its family cannot do, load it on first use.
     check_can_generate(config)
     source = manager.resolve(config.model or default_model, vae=config.vae or None)
+    config = config_for_family(config, source.family)
     record = manager.get(source, progress=report)
 
     # 2. The final prompt: the user's tags plus the model's special tags and negative prompt.
-    prompt, negative = build_prompt(config.prompt, config.negative_prompt, config.style)
+    prompt, negative = family_prompt(config, record.source.family)
 
     # 3. Seeds, one per image, recorded in each image's infotext.
     seeds = image_seeds(resolve_seed(config.seed), config.batch_count, config.batch_size)
@@ -124,7 +151,7 @@ def generate(
 
     images: list[GeneratedImage] = []
     with manager.gpu_lane("generation"), manager.use(record):
-        runner = SDXLRunner.for_record(record, manager)
+        runner = runner_for(record, manager)
         # 4. LoRAs: load, verify each changes the model, weight them; unused ones are removed.
         warnings = runner.apply_loras(config.loras)
         lora_hashes = runner.lora_hashes()

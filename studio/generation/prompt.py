@@ -1,4 +1,4 @@
-"""The Animagine XL 3.1 prompt builder.
+"""The prompt builders: Animagine XL 3.1 (`build_prompt`) and Anima (`build_anima_prompt`).
 
 The user's tags come first, in their order and as they wrote them; then the special tags the
 model was trained on (rating, year, aesthetic, quality), each only when it is not already there.
@@ -8,13 +8,17 @@ Tags are compared on their bare text: weight syntax such as `(masterpiece:1.2)`,
 `[tag]` is ignored, case and `_`/space do not matter, and escaped parentheses (`\\(` `\\)`) stay
 part of a name, as in `hatsune miku \\(cosplay\\)`. Building an already-built prompt gives it back
 unchanged, which is what makes reading an image's infotext back into the form safe.
+
+Anima puts its special tags *first* (`[quality/meta/year/safety] [1girl] [character] [series]
+[@artist] [general]`): `build_anima_prompt` prefixes `masterpiece, best quality, score_7, safe`
+and merges Anima's negative, with the same de-duplication and the same idempotence.
 """
 
 from __future__ import annotations
 
 import re
 
-from studio.schemas import AESTHETIC_TAGS, PromptStyle
+from studio.schemas import AESTHETIC_TAGS, RATING_TAGS, PromptStyle
 
 ANIMAGINE_QUALITY_TAGS = ("masterpiece", "best quality", "very aesthetic", "absurdres")
 ANIMAGINE_NEGATIVE = (
@@ -22,6 +26,14 @@ ANIMAGINE_NEGATIVE = (
     "low quality, watermark, unfinished, displeasing, oldest, early, chromatic aberration, "
     "signature, extra digits, artistic error, username, scan, [abstract]"
 )
+
+# Anima's recommended prefix and negative (its model card's conventions).
+ANIMA_QUALITY_TAGS = ("masterpiece", "best quality", "score_7")
+ANIMA_SAFETY_TAG = "safe"
+ANIMA_NEGATIVE = "worst quality, low quality, score_1, score_2, score_3, artist name"
+# Animagine's period words as Anima writes them (Anima says `old` where Animagine says `oldest`).
+ANIMA_PERIODS = {"newest": "newest", "recent": "recent", "mid": "mid", "early": "early", "oldest": "old"}
+_SCORE_KEY = re.compile(r"score \d")  # score_7, score_9_up, ... once `_` reads as a space
 
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = {close: open_ for open_, close in _OPENERS.items()}
@@ -166,5 +178,43 @@ def build_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[str, s
     if style.default_negative:
         taken = _all_keys(negative_tags) | positive_keys
         _append_missing(negative_tags, split_tags(ANIMAGINE_NEGATIVE), taken)
+
+    return ", ".join(positive), ", ".join(negative_tags)
+
+
+def _anima_prefix(style: PromptStyle, present: set[str]) -> list[str]:
+    """Anima's special tags in its order: period, quality, score, safety. A score or rating the
+    user wrote replaces the default one; an explicit `style.rating` replaces `safe`."""
+    tags = [ANIMA_PERIODS[style.year]] if style.year else []
+    if style.quality_tags:
+        tags += [t for t in ANIMA_QUALITY_TAGS if not (t.startswith("score_") and any(map(_SCORE_KEY.match, present)))]
+    if style.rating:
+        tags.append(style.rating)
+    elif style.quality_tags and not present & set(RATING_TAGS):
+        tags.append(ANIMA_SAFETY_TAG)
+    return tags
+
+
+def build_anima_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[str, str]:
+    """The final (positive, negative) prompts for Anima, joined with ", ".
+
+    Of `style` (Animagine's special tags), `quality_tags`, `default_negative`, `rating` and
+    `year` apply (Anima was trained on the same rating and period words); `aesthetic` does not:
+    Anima rates with score_N tags instead. The user's tags are kept as written.
+    """
+    # 1. The user's own tags, in order, exact repeats dropped.
+    positive = _without_exact_duplicates(split_tags(prompt))
+    negative_tags = _without_exact_duplicates(split_tags(negative))
+
+    # 2. Anima's special tags go first, unless already present in any weighting.
+    positive_keys = _all_keys(positive)
+    prefix: list[str] = []
+    _append_missing(prefix, _anima_prefix(style, positive_keys), positive_keys)
+    positive = prefix + positive
+
+    # 3. Anima's negative, leaving out what the positive asks for.
+    if style.default_negative:
+        taken = _all_keys(negative_tags) | positive_keys
+        _append_missing(negative_tags, split_tags(ANIMA_NEGATIVE), taken)
 
     return ", ".join(positive), ", ".join(negative_tags)

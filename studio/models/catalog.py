@@ -7,7 +7,9 @@ ModelSource without loading anything heavy.
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,13 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SourceKind = Literal["hub", "folder", "single_file", "demo"]
 SELF_RESOLVING = ("tagger", "vlm")  # families whose own resolver knows their names and layouts
+# The index file of a diffusers folder: classic pipelines write model_index.json, modular
+# pipelines (Anima) modular_model_index.json. Its `_class_name` says which family loads it.
+INDEX_FILES = ("model_index.json", "modular_model_index.json")
+FOLDER_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "AnimaModularPipeline": "anima"}
+# Tensor names only Anima's DiT has in its original (ComfyUI) layout: the LLM adapter, and the
+# Cosmos-Predict2 blocks (the same names diffusers' single-file loader checks for "cosmos-2.0").
+ANIMA_CHECKPOINT_MARKERS = ("llm_adapter.", "blocks.0.self_attn.q_proj.weight", "x_embedder.proj.1.weight")
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ class ModelSource:
     """Where a model's weights come from, and what family of pipeline loads them."""
 
     name: str  # what the user called it; used in infotext "Model:"
-    family: str  # "sdxl"
+    family: str  # "sdxl" or "anima"
     kind: SourceKind
     location: str  # hub repo id, folder, file, or demo variant
     vae: str | None = None  # optional separate VAE (folder, file or repo id)
@@ -55,6 +64,47 @@ def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
     with open(path, "rb") as fh:
         raw = tomllib.load(fh)
     return {name: CatalogEntry(name=name, **values) for name, values in raw.items()}
+
+
+def folder_index(folder: Path) -> Path | None:
+    """The diffusers index file of `folder` (model_index.json or modular_model_index.json)."""
+    for name in INDEX_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def family_of_folder(folder: Path, default: str) -> str:
+    """The model family a diffusers folder's index names, or `default` when it names none we know
+    (the family's loader then says what it expected)."""
+    index = folder_index(folder)
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index else None
+    except (OSError, ValueError, AttributeError):
+        return default
+    return FOLDER_FAMILIES.get(class_name, default)
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file's header (8-byte length + JSON), without loading
+    any tensor; [] when the header cannot be read (the loader reports a broken file)."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024 * 1024:
+                return []
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error):
+        return []
+    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
+
+
+def family_of_checkpoint(path: Path, default: str) -> str:
+    """"anima" for Anima's diffusion model in its original (ComfyUI) layout, else `default`."""
+    keys = safetensors_keys(path)
+    if any(marker in key for key in keys for marker in ANIMA_CHECKPOINT_MARKERS):
+        return "anima"
+    return default
 
 
 def check_not_pickle(path: Path) -> None:
@@ -90,17 +140,21 @@ def resolve_reference(
     if path.suffix.lower() in PICKLE_SUFFIXES:
         check_not_pickle(path)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        if folder_index(path) is None:
             raise ModelNotFoundError(
-                f"{path} is a folder but not a diffusers model (no model_index.json). Point at the "
-                "folder that holds model_index.json, or at a single .safetensors checkpoint."
+                f"{path} is a folder but not a diffusers model (no model_index.json or "
+                "modular_model_index.json). Point at the folder that holds it, or at a single "
+                ".safetensors checkpoint."
             )
-        return ModelSource(path.name, family, "folder", str(path.resolve()), vae)
+        return ModelSource(path.name, family_of_folder(path, family), "folder", str(path.resolve()), vae)
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise ModelNotFoundError(f"checkpoint file not found: {path}")
-        return ModelSource(path.stem, family, "single_file", str(path.resolve()), vae)
+        return ModelSource(path.stem, family_of_checkpoint(path, family), "single_file", str(path.resolve()), vae)
     if HUB_ID.match(ref) and not path.exists():
+        # A catalog model typed by its repo id belongs to that entry's family (an Anima repo id
+        # must not go to the SDXL loader); other repo ids to the family asked for.
+        family = next((e.family for e in catalog.values() if e.source == ref), family)
         return ModelSource(ref.split("/")[-1], family, "hub", ref, vae)
     raise ModelNotFoundError(
         f"{ref!r} is not a catalog model ({', '.join(catalog)}), an existing diffusers folder, "

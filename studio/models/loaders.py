@@ -1,7 +1,8 @@
 """Loading model weights: hub downloads, diffusers folders, single-file checkpoints, demo models.
 
-Everything goes through diffusers' own loaders (from_pretrained / from_single_file), the same
-for demo models as for real ones. Only safetensors weights are accepted.
+Everything goes through diffusers' own loaders (from_pretrained / from_single_file, and for Anima
+the modular pipeline's load_components), the same for demo models as for real ones. Only
+safetensors weights are accepted.
 """
 
 from __future__ import annotations
@@ -12,15 +13,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.errors import ModelNotFoundError, UnsafeCheckpointError
-from studio.models.catalog import ModelSource, check_not_pickle
+from studio.models.catalog import ModelSource, check_not_pickle, family_of_folder, folder_index
 
 Progress = Callable[[float | None, str], None]
 
-# Which repo files a diffusers SDXL pipeline needs: configs, tokenizers and safetensors weights,
-# not the pickled .bin copies, fp16 variants, ONNX/Flax exports or the root single-file checkpoint.
-HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+# Which repo files a diffusers pipeline needs: its index, configs, tokenizers (vocab/merges .txt,
+# T5's spiece .model, Qwen's chat-template .jinja) and safetensors weights; not the pickled .bin
+# copies, fp16 variants, ONNX/Flax exports or the root single-file checkpoint. One list serves
+# SDXL and Anima repos alike, so a hub id's family can be read from what was downloaded.
+HUB_ALLOW = [
+    "model_index.json",
+    "modular_model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.safetensors",
+    "*/*.model",
+    "*/*.jinja",
+]
 HUB_IGNORE = ["*.fp16.safetensors", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data"]
-PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline"}
+PIPELINE_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "anima": "AnimaModularPipeline"}
+# Anima's components in a diffusers folder, all of which a text-to-image run needs.
+ANIMA_COMPONENTS = ("text_encoder", "tokenizer", "t5_tokenizer", "text_conditioner", "transformer", "vae", "scheduler")
+ANIMA_WEIGHTED = ("text_encoder", "text_conditioner", "transformer", "vae")
+ANIMA_LAYOUT = (
+    "Anima loads from its diffusers layout: a folder with modular_model_index.json and the "
+    "subfolders transformer/, text_conditioner/, text_encoder/, tokenizer/, t5_tokenizer/, vae/ and "
+    "scheduler/, such as circlestone-labs/Anima-Base-v1.0-Diffusers (use the catalog name 'anima', "
+    "the hub id, or a downloaded copy of it)"
+)
 
 
 @dataclass
@@ -78,8 +98,9 @@ def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop
 def local_copy_of(source: ModelSource, models_dir: Path) -> ModelSource | None:
     """A catalog/hub model the user placed in the models cache by hand: models/<name>[.safetensors]."""
     for candidate in (models_dir / source.name, models_dir / source.location.split("/")[-1]):
-        if (candidate / "model_index.json").is_file():
-            return ModelSource(source.name, source.family, "folder", str(candidate), source.vae, None, source.defaults)
+        if folder_index(candidate) is not None:
+            family = family_of_folder(candidate, source.family)
+            return ModelSource(source.name, family, "folder", str(candidate), source.vae, None, source.defaults)
         single = candidate.with_name(candidate.name + ".safetensors")
         if single.is_file():
             return ModelSource(source.name, source.family, "single_file", str(single), source.vae, None, source.defaults)
@@ -95,6 +116,12 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
         return ModelSource(source.name, "tagger", "folder", str(folder), demo=source.demo)
     if source.family == "vlm":
         return source  # transformers resolves hub ids and folders itself (through its cache)
+    if source.kind == "demo" and source.location == "anima":
+        from studio.models.demo_anima import ensure_demo_anima
+
+        progress(None, "building the demo model (first use only)")
+        folder = ensure_demo_anima(models_dir)
+        return ModelSource(source.name, "anima", "folder", str(folder), None, None, source.defaults, True)
     if source.kind == "demo":
         from studio.models.demo import ensure_demo_sdxl
 
@@ -109,7 +136,8 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
         if local is not None:
             return local
         folder = download_from_hub(source.location, models_dir, progress)
-        return ModelSource(source.name, source.family, "folder", str(folder), source.vae, None, source.defaults)
+        family = family_of_folder(folder, source.family)
+        return ModelSource(source.name, family, "folder", str(folder), source.vae, None, source.defaults)
     return source
 
 
@@ -130,14 +158,13 @@ def check_safetensors(path: Path) -> None:
 
 
 def _check_pipeline_class(folder: Path, family: str) -> None:
-    index = json.loads((folder / "model_index.json").read_text())
+    index_file = folder_index(folder)
+    index = json.loads(index_file.read_text()) if index_file else {}
     expected = PIPELINE_CLASSES[family]
     found = index.get("_class_name", "?")
     if found != expected:
-        raise ModelNotFoundError(
-            f"{folder.name} is a {found}; this model family needs a {expected} (an SDXL model such as "
-            "Animagine XL 3.1)."
-        )
+        example = ANIMA_LAYOUT if family == "anima" else "an SDXL model such as Animagine XL 3.1"
+        raise ModelNotFoundError(f"{folder.name} is a {found}; this model family needs a {expected} ({example}).")
 
 
 def _load_vae(reference: str, dtype):
@@ -213,11 +240,69 @@ def load_vlm(source: ModelSource, dtype, device: str, progress: Progress = _noop
     return LoadedModel(backend, size, size, None)
 
 
-LOADERS = {"sdxl": load_sdxl, "tagger": load_tagger, "vlm": load_vlm}
+def load_anima(source: ModelSource, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
+    """Load a materialized Anima diffusers folder into RAM as an AnimaModularPipeline.
+
+    The modular pipeline reads modular_model_index.json, then `load_components` loads each
+    component from the folder. It only logs a component that fails to load and leaves it None,
+    so every component is checked here and a missing one is reported by name.
+    ComfyUI's split files (diffusion model + Qwen3 text encoder + Qwen-Image VAE) cannot be
+    loaded: diffusers 0.42 has single-file loaders for the Cosmos DiT but none for Anima's LLM
+    adapter (stored inside that diffusion model file), the Qwen-Image VAE or the text encoder.
+    """
+    from diffusers import AnimaModularPipeline
+
+    from studio.models.anima_compat import GUIDER_LOGGER, ensure_cosmos_resize, quiet_logger
+    from studio.models.vram import pipeline_bytes
+
+    if source.kind == "single_file":
+        raise ModelNotFoundError(
+            f"{Path(source.location).name} looks like a single Anima file in ComfyUI's layout, which "
+            f"diffusers cannot load. {ANIMA_LAYOUT}."
+        )
+    if source.kind != "folder":
+        raise ValueError(f"source {source.kind} must be materialized before loading")
+    if source.vae:
+        raise ModelNotFoundError("a separate VAE is not supported for Anima: it uses the Qwen-Image VAE in its folder")
+    ensure_cosmos_resize()  # the DiT's forward needs torchvision's resize otherwise
+    quiet_library_progress_bars()
+    folder = Path(source.location)
+    _check_pipeline_class(folder, "anima")
+    progress(None, f"loading {source.name}")
+    with quiet_logger(GUIDER_LOGGER):  # the pipeline makes its default guider
+        pipe = AnimaModularPipeline.from_pretrained(str(folder))
+    pipe.load_components(  # per component: tokenizers and the scheduler take neither argument
+        dtype={name: dtype for name in ANIMA_WEIGHTED},
+        use_safetensors={name: True for name in ANIMA_WEIGHTED},
+    )
+    missing = [name for name in ANIMA_COMPONENTS if getattr(pipe, name, None) is None]
+    if missing:
+        raise ModelNotFoundError(
+            f"{folder.name}: {', '.join(missing)} could not be loaded (missing from the folder, or "
+            f"unreadable: the log says why). {ANIMA_LAYOUT}."
+        )
+    total, largest = pipeline_bytes(pipe)
+    return LoadedModel(pipe, total, largest, _anima_weights_file(folder))
+
+
+def _anima_weights_file(folder: Path) -> Path | None:
+    """The DiT's weights identify an Anima model in infotext ("Model hash"), as the UNet does for SDXL."""
+    weights = sorted((folder / "transformer").glob("*.safetensors"))
+    return weights[0] if len(weights) == 1 else None
+
+
+LOADERS = {"sdxl": load_sdxl, "anima": load_anima, "tagger": load_tagger, "vlm": load_vlm}
 
 
 def load_model(source: ModelSource, models_dir: Path, dtype, device: str, progress: Progress = _noop) -> LoadedModel:
     local = materialize(source, models_dir, progress)
+    if local.family != source.family:
+        # The manager keeps the record under the source it was asked for, and runs and places
+        # the model by that family: a model of another family must be asked for as such.
+        raise ModelNotFoundError(
+            f"{source.name} is a {PIPELINE_CLASSES.get(local.family, local.family)} model, not "
+            f"{source.family}: give its folder path ({local.location}) instead"
+        )
     try:
         loader = LOADERS[local.family]
     except KeyError:

@@ -149,4 +149,75 @@ class SelfPlacedModel:
         return None
 
 
-PLACEMENTS = {"sdxl": PipelinePlacement, "tagger": SelfPlacedModel, "vlm": SelfPlacedModel}
+class ModularPipelinePlacement:
+    """How the manager places a diffusers *modular* pipeline (Anima's AnimaModularPipeline).
+
+    Modular pipelines have `.to()` but none of DiffusionPipeline's offload methods
+    (enable_model_cpu_offload, enable_group_offload, remove_all_hooks), so the policies use
+    diffusers' building blocks directly:
+    - NORMAL: model-level offload by a ComponentsManager (`enable_auto_cpu_offload`): each model
+      moves to the GPU when its forward runs, and others go back to RAM when room is needed.
+    - LOW: group offloading of every model (`diffusers.hooks.apply_group_offloading`, leaf level,
+      CUDA streams, the same call DiffusionPipeline.enable_group_offload makes per component),
+      plus VAE tiling and slicing.
+    The ComponentsManager is kept on the pipeline as `studio_offload` so that `reset` can undo it.
+    """
+
+    demotable = True
+
+    @staticmethod
+    def place(pipe, policy: VramPolicy, device: DeviceInfo) -> None:
+        if policy is VramPolicy.CPU or not device.accelerator:
+            pipe.to("cpu")
+        elif policy is VramPolicy.HIGH:
+            pipe.to(device.execution_device)
+        elif policy is VramPolicy.NORMAL:
+            from diffusers import ComponentsManager
+
+            manager = ComponentsManager()
+            for name, model in _pipeline_models(pipe):
+                manager.add(name, model)
+            manager.enable_auto_cpu_offload(device=device.execution_device)
+            pipe.studio_offload = manager
+        elif policy is VramPolicy.LOW:
+            import torch
+            from diffusers.hooks import apply_group_offloading
+
+            for _name, model in _pipeline_models(pipe):
+                apply_group_offloading(
+                    model,
+                    onload_device=torch.device(device.execution_device),
+                    offload_device=torch.device("cpu"),
+                    offload_type="leaf_level",
+                    use_stream=True,
+                )
+            enable_vae_tiling(pipe)
+        else:
+            raise ValueError(f"unplaceable policy {policy}")
+
+    evict = staticmethod(evict_pipeline)
+    restore = staticmethod(restore_pipeline)
+
+    @staticmethod
+    def reset(pipe) -> None:
+        """Undo NORMAL's offload hooks and bring every model back to RAM. (LOW is the lowest
+        policy, so demotion never has to undo group offloading.)"""
+        manager = getattr(pipe, "studio_offload", None)
+        if manager is not None:
+            manager.disable_auto_cpu_offload()
+            pipe.studio_offload = None
+        pipe.to("cpu")
+
+
+def _pipeline_models(pipe):
+    import torch
+
+    return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+
+
+PLACEMENTS = {
+    "sdxl": PipelinePlacement,
+    "anima": ModularPipelinePlacement,
+    "tagger": SelfPlacedModel,
+    "vlm": SelfPlacedModel,
+}
