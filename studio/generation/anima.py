@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from studio.errors import ConfigError, LoraError
+from studio.errors import ConfigError
 from studio.generation.samplers import Sampler
 from studio.generation.sdxl import SDXLRunner
 from studio.models.anima_compat import BLOCK_ERROR_LOGGER, GUIDER_LOGGER, quiet_logger
@@ -160,6 +160,8 @@ class AnimaRunner:
     def __init__(self, record: ModelRecord, manager: ModelManager | None = None):
         from diffusers import AnimaModularPipeline
 
+        from studio.generation.lora import LoraStack
+
         self.record = record
         self.manager = manager
         self.pipe = record.model  # the loaded pipeline: its components are placed by VRAM policy
@@ -169,6 +171,9 @@ class AnimaRunner:
         with quiet_logger(GUIDER_LOGGER):  # the pipeline makes a default guider
             self.sampling = AnimaModularPipeline(blocks=sampling_blocks())
         self.sampling.update_components(**{name: self.pipe.components[name] for name in SHARED_COMPONENTS})
+        # LoRAs go into the loaded pipeline's transformer and text conditioner: the very modules
+        # the sampling view runs.
+        self.loras = LoraStack(self.pipe, family="anima")
 
     @classmethod
     def for_record(cls, record: ModelRecord, manager: ModelManager | None = None) -> AnimaRunner:
@@ -179,12 +184,10 @@ class AnimaRunner:
 
     # -- LoRAs ---------------------------------------------------------------------------------
     def apply_loras(self, specs: list[LoraSpec]) -> list[str]:
-        if specs:
-            raise LoraError("LoRAs cannot be applied to Anima models yet: remove them from the list")
-        return []
+        return self.loras.apply(specs)
 
     def lora_hashes(self) -> dict[str, str]:
-        return {}
+        return {lora.name: lora.hash for lora in self.loras.applied()}
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, prompt: str, negative: str) -> AnimaPrompt:

@@ -1,4 +1,4 @@
-"""The LoRA stack of one diffusers SDXL pipeline: which LoRA files are active, at what weight.
+"""The LoRA stack of one diffusers pipeline (SDXL or Anima): which LoRA files are active, at what weight.
 
 `LoraStack.apply(specs)` makes the pipeline's adapters match a list of LoraSpec (path + weight):
 each file is checked first (exists, is safetensors, is for this model family), loaded once as a
@@ -9,6 +9,14 @@ removes every LoRA layer, which restores the base model's output exactly.
 diffusers drops the DoRA magnitudes (`dora_scale`) of kohya files with only a log warning, which
 would silently turn a DoRA into a different plain LoRA. Such files are converted here into the
 peft layout diffusers does load (`lora_magnitude_vector`), with kohya's alpha / rank baked in.
+
+Anima (AnimaModularPipeline, LoRA-bearing components `transformer` and `text_conditioner`):
+diffusers loads the ComfyUI / diffusion-pipe layout (`diffusion_model.blocks.N...lora_A/lora_B`,
+no alpha) and its own layout (`transformer.` / `text_conditioner.` keys) exactly, but it loads
+kohya files (`lora_unet_blocks_0_...`, lora_down/lora_up/alpha) and un-prefixed
+`save_lora_adapter` files without error while changing nothing. Those are converted here into
+the ComfyUI layout (alpha / rank baked into lora_B) first; every load is then verified to have
+landed on layers, so a file that would be a silent no-op is reported instead.
 
 Importing this module does no work; torch and diffusers are used only through the pipeline.
 """
@@ -37,7 +45,13 @@ from studio.models.lora_format import (
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from studio.schemas import LoraSpec
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's
+LORA_COMPONENTS_BY_FAMILY = {
+    "sdxl": LORA_COMPONENTS,
+    "sd1": ("unet", "text_encoder"),
+    "sd2": ("unet", "text_encoder"),
+    "anima": ("transformer", "text_conditioner"),
+}
 FAMILY_LABELS = {
     "sdxl": "SDXL (Animagine XL, Pony, Illustrious, ...)",
     "sd1": "Stable Diffusion 1.x",
@@ -79,6 +93,7 @@ class LoraStack:
     def __init__(self, pipe: Any, family: str = "sdxl"):
         self.pipe = pipe
         self.family = family
+        self.components = LORA_COMPONENTS_BY_FAMILY.get(family, LORA_COMPONENTS)
         self._loaded: dict[Path, _Adapter] = {}
         self._active: list[tuple[_Adapter, float]] = []
         self._counter = 0
@@ -152,7 +167,12 @@ class LoraStack:
         if info.format == "lycoris":
             raise LoraError(
                 f"{path.name} is a LyCORIS (LoHa/LoKr/OFT) file; only LoRA files (lora_down/lora_up or "
-                "lora_A/lora_B) can be loaded into SDXL here"
+                f"lora_A/lora_B) can be loaded into {FAMILY_LABELS.get(self.family, self.family)} here"
+            )
+        if info.has_dora and self.family == "anima":
+            raise LoraError(
+                f"{path.name} is a DoRA; DoRA files cannot be loaded into Anima here yet "
+                "(diffusers would drop their magnitudes and apply a different LoRA)"
             )
         if info.modules == 0:
             raise LoraError(f"{path.name} holds no lora_down/lora_A weights: it is not a LoRA file")
@@ -164,7 +184,9 @@ class LoraStack:
         adapter_name = f"lora{self._counter}_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)[:40]}"
         version = _file_version(path)
         source: Any = str(path)
-        if info.has_dora and info.format == "kohya":
+        if self.family == "anima":
+            source = _anima_source(self.pipe, path, info)
+        elif info.has_dora and info.format == "kohya":
             source = _kohya_dora_to_diffusers(self.pipe, path)
         no_match = LoraError(
             f"{path.name} matches none of this model's layers; it changes nothing "
@@ -203,7 +225,7 @@ class LoraStack:
     def _tuner_layers(self, adapter_name: str):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for component in LORA_COMPONENTS:
+        for component in self.components:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
@@ -254,7 +276,7 @@ class LoraStack:
 
         return any(
             isinstance(module, BaseTunerLayer)
-            for component in LORA_COMPONENTS
+            for component in self.components
             if getattr(self.pipe, component, None) is not None
             for module in getattr(self.pipe, component).modules()
         )
@@ -351,6 +373,94 @@ def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
             converted[f"{prefix}.lora_magnitude_vector"] = magnitude.reshape(shape)
     if not converted:
         raise LoraError(f"{path.name} matches none of this model's layers; it changes nothing")
+    return converted
+
+
+_ANIMA_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha)$")
+
+
+def _anima_modules(pipe: Any) -> dict[str, tuple[str, str]]:
+    """{module path as files name it: (component, diffusers module path)} for every Linear of
+    Anima's transformer and text conditioner, under the names files use: kohya
+    (`lora_unet_blocks_0_self_attn_q_proj`, and the diffusers-named `lora_unet_transformer_blocks_...`),
+    ComfyUI (`diffusion_model.blocks.0.self_attn.q_proj`) and un-prefixed diffusers paths
+    (`transformer_blocks.0.attn1.to_q`, as `save_lora_adapter` writes them)."""
+    import torch
+
+    from studio.models.lora_format import ANIMA_KOHYA_PREFIX, anima_original_path
+
+    names: dict[str, tuple[str, str]] = {}
+    for component in LORA_COMPONENTS_BY_FAMILY["anima"]:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for module_path, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or ".lora_" in module_path:
+                continue
+            module_path = module_path.removesuffix(".base_layer")
+            original = anima_original_path(component, module_path)
+            names[kohya_lora_name(ANIMA_KOHYA_PREFIX, original)] = (component, module_path)
+            if component == "transformer":
+                names.setdefault(kohya_lora_name(ANIMA_KOHYA_PREFIX, module_path), (component, module_path))
+            names.setdefault(module_path, (component, module_path))
+    return names
+
+
+def _anima_needs_conversion(keys: Sequence[str], info: LoraInfo) -> bool:
+    """Whether diffusers would load this Anima file wrongly or not at all as it is: kohya names,
+    lora_down/lora_up or alpha keys (diffusers reads neither), or keys without a component prefix."""
+    if info.format == "kohya":
+        return True
+    if any(k.endswith((".alpha", ".lora_down.weight", ".lora_up.weight")) for k in keys):
+        return True
+    prefixes = ("diffusion_model.", "transformer.", "text_conditioner.")
+    return not all(k.startswith(prefixes) for k in keys)
+
+
+def _anima_source(pipe: Any, path: Path, info: LoraInfo) -> Any:
+    """What to hand `load_lora_weights` for an Anima file: the path itself where diffusers reads
+    the layout right (ComfyUI lora_A/lora_B without alpha, diffusers `transformer.` keys), or
+    else the file converted into diffusers' layout, alpha / rank baked into lora_B."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    if not _anima_needs_conversion(keys, info):
+        return str(path)
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        match = _ANIMA_LORA_KEY.match(key)
+        if match:
+            part = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up",
+                    "lora_B.weight": "up", "alpha": "alpha"}[match["part"]]
+            grouped.setdefault(match["module"], {})[part] = tensor
+    targets = _anima_modules(pipe)
+    converted = {}
+    for name, parts in grouped.items():
+        if "down" not in parts:
+            continue
+        if "up" not in parts:
+            raise LoraError(f"{path.name} is corrupt: {name} has a lora_down/lora_A weight but no lora_up/lora_B")
+        down, up = parts["down"], parts["up"]
+        scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+        if name.startswith(("diffusion_model.", "transformer.", "text_conditioner.")):
+            prefix = name  # already in a layout diffusers maps; only lora_down/up/alpha needed fixing
+        elif name in targets:
+            component, module_path = targets[name]
+            prefix = f"{component}.{module_path}"
+        else:
+            continue  # not on this model: counted as unmatched after loading
+        converted[f"{prefix}.lora_A.weight"] = down
+        converted[f"{prefix}.lora_B.weight"] = up * scale if scale != 1.0 else up
+    if not converted:
+        raise LoraError(
+            f"{path.name} matches none of this model's layers; it changes nothing "
+            "(is it for another model, or saved with layer names this loader does not know?)"
+        )
     return converted
 
 

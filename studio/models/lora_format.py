@@ -135,6 +135,49 @@ def text_encoder_kohya_path(module_path: str) -> str:
     return f"text_model.{module_path}"
 
 
+# Anima (Cosmos DiT): diffusers' CosmosTransformer3DModel paths -> the original (ComfyUI /
+# diffusion-pipe / kohya) paths, the inverse of diffusers' own renaming of `diffusion_model.` keys.
+# Applied in order; the LLM adapter (text_conditioner) keeps its names under `llm_adapter.`.
+_ANIMA_DIFFUSERS_TO_ORIGINAL = (
+    ("attn1.to_q", "self_attn.q_proj"),
+    ("attn1.to_k", "self_attn.k_proj"),
+    ("attn1.to_v", "self_attn.v_proj"),
+    ("attn1.to_out.0", "self_attn.output_proj"),
+    ("attn2.to_q", "cross_attn.q_proj"),
+    ("attn2.to_k", "cross_attn.k_proj"),
+    ("attn2.to_v", "cross_attn.v_proj"),
+    ("attn2.to_out.0", "cross_attn.output_proj"),
+    ("norm1.linear_1", "adaln_modulation_self_attn.1"),
+    ("norm1.linear_2", "adaln_modulation_self_attn.2"),
+    ("norm2.linear_1", "adaln_modulation_cross_attn.1"),
+    ("norm2.linear_2", "adaln_modulation_cross_attn.2"),
+    ("norm3.linear_1", "adaln_modulation_mlp.1"),
+    ("norm3.linear_2", "adaln_modulation_mlp.2"),
+    ("ff.net.0.proj", "mlp.layer1"),
+    ("ff.net.2", "mlp.layer2"),
+    ("norm_out.linear_1", "final_layer.adaln_modulation.1"),
+    ("norm_out.linear_2", "final_layer.adaln_modulation.2"),
+    ("proj_out", "final_layer.linear"),
+    ("time_embed.t_embedder", "t_embedder.1"),
+    ("time_embed.norm", "t_embedding_norm"),
+    ("patch_embed.proj", "x_embedder.proj.1"),
+    ("transformer_blocks.", "blocks."),
+)
+ANIMA_COMFY_PREFIX = "diffusion_model."
+ANIMA_KOHYA_PREFIX = "lora_unet"
+
+
+def anima_original_path(component: str, module_path: str) -> str:
+    """An Anima module's path in the original checkpoint (what ComfyUI keys follow after
+    `diffusion_model.` and kohya names after `lora_unet_`): `transformer_blocks.0.attn1.to_q`
+    -> `blocks.0.self_attn.q_proj`; text_conditioner `blocks.0.mlp.0` -> `llm_adapter.blocks.0.mlp.0`."""
+    if component == "text_conditioner":
+        return f"llm_adapter.{module_path}"
+    for diffusers_part, original_part in _ANIMA_DIFFUSERS_TO_ORIGINAL:
+        module_path = module_path.replace(diffusers_part, original_part)
+    return module_path
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Saving: peft state dict -> kohya .safetensors
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +577,8 @@ def _family_from_keys(shapes: dict[str, tuple]) -> ModelFamily:
         return "anima"  # Cosmos blocks under ComfyUI / kohya names
     if re.search(r"transformer\.transformer_blocks\.\d+\.attn1\.", joined):
         return "anima"  # Cosmos (Anima's DiT) under diffusers names
+    if re.search(r"(^|\n)transformer_blocks\.\d+\.(attn1|attn2|norm[123]\.linear_|ff\.net)", joined):
+        return "anima"  # the same without the component prefix (as `save_lora_adapter` writes it)
     sdxl = any(sign.search(joined) for sign in _SDXL_SIGNS)
     sd = any(sign.search(joined) for sign in _SD_SIGNS)
     if sdxl and not sd:
