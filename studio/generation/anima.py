@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from studio.errors import ConfigError
+from studio.generation.runner import Runner
 from studio.generation.samplers import Sampler
-from studio.generation.sdxl import SDXLRunner
 from studio.models.anima_compat import BLOCK_ERROR_LOGGER, GUIDER_LOGGER, quiet_logger
-from studio.schemas import GenerateConfig, LoraSpec
+from studio.schemas import GenerateConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from studio.generation.generate import StepCounter
@@ -154,40 +154,20 @@ def sampling_blocks():
 # ---------------------------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------------------------
-class AnimaRunner:
-    """Generation on one loaded Anima pipeline. One runner per model record, kept with it."""
+class AnimaRunner(Runner):
+    """Generation on one loaded Anima pipeline. One runner per model record, kept with it.
+    LoRAs go into the loaded pipeline's transformer and text conditioner: the very modules the
+    sampling view runs."""
 
     def __init__(self, record: ModelRecord, manager: ModelManager | None = None):
         from diffusers import AnimaModularPipeline
 
-        from studio.generation.lora import LoraStack
-
-        self.record = record
-        self.manager = manager
-        self.pipe = record.model  # the loaded pipeline: its components are placed by VRAM policy
-        self.base_scheduler_config = dict(self.pipe.scheduler.config)
+        super().__init__(record, manager)
         # The same component objects (moved and offloaded with the loaded pipeline), run through
         # blocks that report each step.
         with quiet_logger(GUIDER_LOGGER):  # the pipeline makes a default guider
             self.sampling = AnimaModularPipeline(blocks=sampling_blocks())
         self.sampling.update_components(**{name: self.pipe.components[name] for name in SHARED_COMPONENTS})
-        # LoRAs go into the loaded pipeline's transformer and text conditioner: the very modules
-        # the sampling view runs.
-        self.loras = LoraStack(self.pipe, family="anima")
-
-    @classmethod
-    def for_record(cls, record: ModelRecord, manager: ModelManager | None = None) -> AnimaRunner:
-        runner = record.attachments.get("runner")
-        if runner is None:
-            runner = record.attachments["runner"] = cls(record, manager)
-        return runner
-
-    # -- LoRAs ---------------------------------------------------------------------------------
-    def apply_loras(self, specs: list[LoraSpec]) -> list[str]:
-        return self.loras.apply(specs)
-
-    def lora_hashes(self) -> dict[str, str]:
-        return {lora.name: lora.hash for lora in self.loras.applied()}
 
     # -- prompt --------------------------------------------------------------------------------
     def encode(self, prompt: str, negative: str) -> AnimaPrompt:
@@ -196,8 +176,6 @@ class AnimaRunner:
     # -- sampling ------------------------------------------------------------------------------
     def steps_per_batch(self, config: GenerateConfig) -> int:
         return config.steps
-
-    _generators = SDXLRunner._generators  # CPU generators: the same noise on any device
 
     @staticmethod
     def _callback(counter: StepCounter) -> Callable:
@@ -231,7 +209,3 @@ class AnimaRunner:
                 output="images",
             )
 
-    # -- out of memory: the SDXL runner's recovery (tiled VAE, then a lower VRAM policy) applies
-    # as it is; it uses only `pipe` (for its VAE), `manager` and `record`.
-    _lower_memory = SDXLRunner._lower_memory
-    run_with_oom_retry = SDXLRunner.run_with_oom_retry

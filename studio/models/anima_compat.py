@@ -57,7 +57,7 @@ def nearest_resize(image: torch.Tensor, size: list[int], interpolation=Interpola
     import torch
 
     if getattr(interpolation, "value", interpolation) != "nearest":
-        raise NotImplementedError(f"the torchvision shim only implements NEAREST resizing, not {interpolation}")
+        raise ValueError(f"the torchvision shim only implements NEAREST resizing, not {interpolation}")
     if not isinstance(image, torch.Tensor) or image.ndim < 2:
         raise TypeError("the torchvision shim resizes tensors of shape [..., H, W] only")
     if len(size) != 2:

@@ -111,14 +111,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 _WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
-def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
-    """A tiny, deterministic BPE learner: repeatedly merge the most frequent adjacent pair.
-
-    Words are split CLIP's way and end with a `</w>` marker on their last symbol. Ties are broken
-    by the pair itself so the result never depends on dict ordering.
-    """
-    word_counts = Counter(piece for word in words for piece in _WORD_RE.findall(word.lower()))
-    splits = {word: [*word[:-1], word[-1] + "</w>"] for word in word_counts}
+def learn_merges(splits: dict[str, list[str]], word_counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
+    """A tiny, deterministic BPE learner: repeatedly merge the most frequent adjacent pair of
+    symbols in `splits` (word -> symbols), counting each word `word_counts[word]` times. Ties are
+    broken by the pair itself so the result never depends on dict ordering."""
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pair_counts: Counter[tuple[str, str]] = Counter()
@@ -140,6 +136,13 @@ def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]
                     i += 1
             splits[word] = merged
     return merges
+
+
+def _learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """CLIP-style merges: words split CLIP's way, a `</w>` marker on each word's last symbol."""
+    word_counts = Counter(piece for word in words for piece in _WORD_RE.findall(word.lower()))
+    splits = {word: [*word[:-1], word[-1] + "</w>"] for word in word_counts}
+    return learn_merges(splits, word_counts, num_merges)
 
 
 def _write_clip_tokenizer_files(folder: Path, num_merges: int = NUM_MERGES) -> None:

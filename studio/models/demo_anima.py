@@ -21,7 +21,6 @@ functions that need them.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING
 
 # The same byte <-> printable-character map and booru word list as the demo SDXL tokenizer.
 from studio.models.demo import _CORPUS as BOORU_WORDS
-from studio.models.demo import _bytes_to_unicode
+from studio.models.demo import _bytes_to_unicode, learn_merges
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import AnimaModularPipeline
@@ -68,29 +67,8 @@ _LETTER_RUN = re.compile(r"[a-z]+")
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
 def _learn_byte_level_merges(word_counts: Counter[str], num_merges: int) -> list[tuple[str, str]]:
-    """Deterministic BPE: repeatedly merge the most frequent adjacent pair (ties by the pair)."""
-    splits = {word: list(word) for word in word_counts}
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pair_counts: Counter[tuple[str, str]] = Counter()
-        for word, symbols in splits.items():
-            for pair in itertools.pairwise(symbols):
-                pair_counts[pair] += word_counts[word]
-        if not pair_counts:
-            break
-        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
-        merges.append(best)
-        for word, symbols in splits.items():
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            splits[word] = merged
-    return merges
+    """Byte-level merges (no end-of-word marker), learned as demo-sdxl's tokenizer learns its own."""
+    return learn_merges({word: list(word) for word in word_counts}, word_counts, num_merges)
 
 
 def build_demo_qwen_tokenizer(num_merges: int = NUM_MERGES) -> Qwen2Tokenizer:
