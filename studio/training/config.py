@@ -20,7 +20,7 @@ RESUME_INVARIANT = (
     "pretrained_model", "vae", "datasets", "resolution", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "bucket_no_upscale", "flip_aug", "caption_scheme", "shuffle_caption", "keep_tokens",
     "keep_tokens_separator", "caption_tag_dropout_rate", "caption_dropout_rate", "mixed_captions",
-    "network_type", "network_target", "network_dim", "network_alpha", "train_text_encoder", "learning_rate",
+    "network_type", "network_target", "network_dim", "network_alpha", "train_text_encoder", "train_llm_adapter", "learning_rate",
     "unet_lr", "text_encoder_lr", "optimizer_type", "optimizer_args", "weight_decay", "lr_scheduler",
     "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "max_train_steps",
     "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "noise_offset",
@@ -71,6 +71,7 @@ class TrainConfig(_Config):
     network_dim: int = Field(16, ge=1, le=1024)
     network_alpha: float = Field(8.0, gt=0)
     train_text_encoder: bool = False
+    train_llm_adapter: bool = False  # Anima: LoRA on the text conditioner ("LLM adapter") as well
     # -- optimisation ---------------------------------------------------------------------------
     learning_rate: float = Field(1e-4, gt=0)
     unet_lr: float | None = Field(None, gt=0)
@@ -125,6 +126,8 @@ class TrainConfig(_Config):
             raise ValueError(f"min_bucket_reso {self.min_bucket_reso} is above max_bucket_reso {self.max_bucket_reso}")
         if self.cache_text_encoder_outputs and self.train_text_encoder:
             raise ValueError("cache_text_encoder_outputs cannot be used while training the text encoder")
+        if self.cache_text_encoder_outputs and self.train_llm_adapter:
+            raise ValueError("cache_text_encoder_outputs cannot be used while training the LLM adapter")
         if self.network_type in ("lokr", "loha") and self.network_target == "all":
             raise ValueError(f"{self.network_type} is trained on linear layers here; use network_target attention_ff")
         return self

@@ -134,13 +134,12 @@ class BatchBuilder:
         else:
             mean, std = (t[0].float().cpu() for t in self.model.encode_images(load_pixels(sample, flip)[None]))
         draw = torch.randn(mean.shape, generator=generator)
-        return (mean + std * draw) * self.model.scaling_factor
+        return self.model.scale_latents(mean + std * draw)
 
     def build(self, samples: list[TrainSample], seeds: list[int]):
         import torch
 
         captions, latents, flips, noise, timesteps = [], [], [], [], []
-        scheduler = self.model.noise_scheduler
         for sample, seed in zip(samples, seeds):
             rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
             flip = self.config.flip_aug and rng.random() < 0.5
@@ -148,15 +147,16 @@ class BatchBuilder:
             latent = self.latents(sample, flip, generator)
             eps = torch.randn(latent.shape, generator=generator)
             if self.config.noise_offset:
-                eps = eps + self.config.noise_offset * torch.randn((latent.shape[0], 1, 1), generator=generator)
+                offset_shape = (latent.shape[0],) + (1,) * (latent.ndim - 1)
+                eps = eps + self.config.noise_offset * torch.randn(offset_shape, generator=generator)
             latents.append(latent)
             noise.append(eps)
             flips.append(flip)
-            timesteps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
+            timesteps.append(self.model.draw_timestep(generator))  # the family's timestep distribution
         device = self.model.device
         latents = torch.stack(latents).to(device)
         noise = torch.stack(noise).to(device)
-        timesteps = torch.tensor(timesteps, device=device, dtype=torch.long)
+        timesteps = self.model.timestep_tensor(timesteps, device)
         text, pooled = self.text(captions)
         time_ids = self.model.time_ids([s.original for s in samples],
                                        [crop_for(s, f) for s, f in zip(samples, flips)],
@@ -174,22 +174,9 @@ class BatchBuilder:
 
 
 def diffusion_loss(model, config: TrainConfig, inputs, unet=None):
-    """Per-sample MSE of the model's prediction against its target, min-SNR weighted if asked."""
-    from studio.training.objective import masked_mse, min_snr_weights, target_for
-
-    latents, noise, timesteps, text, pooled, time_ids = inputs
-    scheduler = model.noise_scheduler
-    prediction_type = scheduler.config.prediction_type
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    dtype = model.weight_dtype
-    prediction = model.predict(noisy.to(dtype), timesteps, text.to(dtype), pooled.to(dtype), time_ids.to(dtype),
-                               unet=unet).float()
-    target = target_for(prediction_type, latents, noise, timesteps, scheduler)
-    weights = None
-    if config.min_snr_gamma:
-        weights = min_snr_weights(timesteps, scheduler.alphas_cumprod.to(timesteps.device), config.min_snr_gamma,
-                                  prediction_type)
-    return masked_mse(prediction, target, weights)
+    """The family's training loss on one micro-batch (SDXL: epsilon/v MSE, min-SNR weighted if asked;
+    Anima: flow matching). `unet` is the denoiser as accelerate prepared it."""
+    return model.loss(inputs, unet=unet)
 
 
 def validation_loss(model, config: TrainConfig, samples: list[TrainSample], builder: BatchBuilder) -> float:
@@ -199,7 +186,7 @@ def validation_loss(model, config: TrainConfig, samples: list[TrainSample], buil
     total, count = 0.0, 0
     with torch.no_grad():
         for index, sample in enumerate(samples):
-            for timestep in VALIDATION_TIMESTEPS:
+            for timestep in getattr(model, "validation_timesteps", VALIDATION_TIMESTEPS):
                 generator = torch.Generator().manual_seed(seed_for(config.seed, 7_777_777, index, timestep))
                 if builder.latent_cache is not None:
                     mean, _ = builder.latent_cache.get(sample, False)
@@ -207,11 +194,20 @@ def validation_loss(model, config: TrainConfig, samples: list[TrainSample], buil
                     from studio.training.data import load_pixels
 
                     mean = model.encode_images(load_pixels(sample, False)[None])[0][0].float().cpu()
-                latents = (mean * model.scaling_factor)[None].to(model.device)
+                latents = model.scale_latents(mean)[None].to(model.device)
                 noise = torch.randn(mean.shape, generator=generator)[None].to(model.device)
-                text, pooled = builder.text([builder.sampler.static_caption(list(sample.tags), sample.nl)])
+                text, pooled = builder.text([_validation_caption(builder.sampler, sample, config.seed, index)])
                 time_ids = model.time_ids([sample.original], [sample.crop], [sample.bucket])
-                steps = torch.tensor([timestep], device=model.device)
+                steps = model.validation_timestep(timestep)
                 total += float(diffusion_loss(model, config, (latents, noise, steps, text, pooled, time_ids)))
                 count += 1
     return total / max(count, 1)
+
+
+def _validation_caption(sampler, sample: TrainSample, seed: int, index: int) -> str:
+    """The held-out image's caption: its static caption, or, where captions vary per step (mixed
+    captions, shuffling, dropout), one draw from a generator fixed per image, so every
+    validation pass sees the same caption."""
+    if not sampler.varies_per_step:
+        return sampler.static_caption(list(sample.tags), sample.nl)
+    return sampler.sample(list(sample.tags), sample.nl, random.Random(seed_for(seed, 7_777_778, index)), epoch=1)

@@ -40,6 +40,8 @@ class SDXLTrainingModel:
         import torch
         from diffusers import DDPMScheduler
 
+        if config.train_llm_adapter:
+            raise ConfigError("train_llm_adapter is an Anima setting; SDXL has no LLM adapter")
         self.pipe, self.config, self.device, self.weight_dtype = pipe, config, device, weight_dtype
         self.unet, self.vae = pipe.unet, pipe.vae
         self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
@@ -150,6 +152,54 @@ class SDXLTrainingModel:
 
         return sdxl_time_ids([(o[1], o[0]) for o in originals], [(c[1], c[0]) for c in crops],
                              [(b[1], b[0]) for b in buckets], device=self.device)
+
+    # -- the objective ---------------------------------------------------------------------------
+    validation_timesteps = (100, 300, 500, 700, 900)
+
+    def scale_latents(self, latents):
+        return latents * self.scaling_factor
+
+    def draw_timestep(self, generator) -> int:
+        import torch
+
+        return int(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=generator))
+
+    def timestep_tensor(self, values: list, device):
+        import torch
+
+        return torch.tensor(values, device=device, dtype=torch.long)
+
+    def validation_timestep(self, timestep: int):
+        import torch
+
+        return torch.tensor([timestep], device=self.device)
+
+    def loss(self, inputs, unet=None):
+        """Per-sample MSE of the prediction against its epsilon / v target, min-SNR weighted if asked."""
+        from studio.training.objective import masked_mse, min_snr_weights, target_for
+
+        config = self.config
+        latents, noise, timesteps, text, pooled, time_ids = inputs
+        scheduler = self.noise_scheduler
+        prediction_type = scheduler.config.prediction_type
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        dtype = self.weight_dtype
+        prediction = self.predict(noisy.to(dtype), timesteps, text.to(dtype), pooled.to(dtype), time_ids.to(dtype),
+                                  unet=unet).float()
+        target = target_for(prediction_type, latents, noise, timesteps, scheduler)
+        weights = None
+        if config.min_snr_gamma:
+            weights = min_snr_weights(timesteps, scheduler.alphas_cumprod.to(timesteps.device), config.min_snr_gamma,
+                                      prediction_type)
+        return masked_mse(prediction, target, weights)
+
+    def use_prepared(self, modules: list) -> None:
+        """The text encoders as accelerate prepared them (DDP-wrapped when distributed)."""
+        if self.config.train_text_encoder:
+            self.text_encoders = list(modules)
+
+    def metadata_kwargs(self) -> dict:
+        return {}
 
     def predict(self, noisy, timesteps, text, pooled, time_ids, unet=None):
         unet = unet or self.unet

@@ -41,12 +41,17 @@ def _weight_dtype(precision: str):
 def _load_model(config: TrainConfig, models_dir: Path, device, weight_dtype, report):
     from studio.models.catalog import load_catalog, resolve_reference
     from studio.models.loaders import load_model
-    from studio.training.sdxl import SDXLTrainingModel
 
     source = resolve_reference(config.pretrained_model, load_catalog(), vae=config.vae or None)
-    if source.family != "sdxl":
-        raise ConfigError(f"{config.pretrained_model} is a {source.family} model; this trainer handles SDXL")
+    if source.family not in ("sdxl", "anima"):
+        raise ConfigError(f"{config.pretrained_model} is a {source.family} model; this trainer handles SDXL and Anima")
     loaded = load_model(source, models_dir, weight_dtype, str(device), report)
+    if source.family == "anima":
+        from studio.training.anima import AnimaTrainingModel
+
+        return AnimaTrainingModel(loaded.model, config, device, weight_dtype), source
+    from studio.training.sdxl import SDXLTrainingModel
+
     return SDXLTrainingModel(loaded.model, config, device, weight_dtype), source
 
 
@@ -152,8 +157,7 @@ def train(
     optimizer, scheduler = _optimizer_and_schedule(config, groups, plan)
     prepared = accelerator.prepare(*model.trainable_modules(), optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    if config.train_text_encoder:
-        model.text_encoders = list(prepared[1:-1])
+    model.use_prepared(list(prepared[1:-1]))
     trainable = [p for g in groups for p in g["params"]]
 
     # 5. Resume exactly where a saved state left off, or start fresh.
@@ -308,7 +312,7 @@ class Saver:
             unet_lr=config.unet_lr, text_encoder_lr=config.text_encoder_lr if config.train_text_encoder else None,
             optimizer=config.optimizer_type, lr_scheduler=config.lr_scheduler, max_train_steps=self.plan.total_steps,
             steps=step, epoch=epoch + 1, num_epochs=math.ceil(self.plan.total_steps / self.plan.steps_per_epoch),
-            resolution=(width, width), tag_frequency=self.data.tag_frequency,
+            resolution=(width, width), tag_frequency=self.data.tag_frequency, **self.model.metadata_kwargs(),
         )
 
     def samples(self, step: int, epoch: int, log: EventLog) -> None:
