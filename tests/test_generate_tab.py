@@ -42,3 +42,19 @@ def test_preview_shows_the_final_prompt():
 def test_size_presets_set_width_and_height():
     assert on_size("832x1216") == (832, 1216)
     assert all(isinstance(v, type(gr.skip())) for v in on_size("Custom"))
+
+
+def test_choosing_a_catalog_model_brings_its_defaults_and_samplers(tmp_path):
+    from studio.context import AppContext
+    from studio.settings import Settings
+    from studio.ui.generate_tab import on_model_change
+
+    ctx = AppContext.create(Settings(workspace=tmp_path, demo=True))
+    size, width, height, steps, cfg, sampler = on_model_change(ctx, "anima")
+    assert (size, width, height, steps, cfg) == ("1024x1024", 1024, 1024, 30, 4.5)
+    assert sampler.choices == [("Euler", "Euler"), ("UniPC", "UniPC")] and sampler.value == "Euler"
+    _, width, height, steps, _, sampler = on_model_change(ctx, "animagine-xl-3.1")
+    assert (width, height, steps, sampler.value) == (832, 1216, 28, "Euler a")
+    assert len(sampler.choices) == 7
+    untouched = on_model_change(ctx, "someone/some-model")
+    assert all(isinstance(v, type(gr.skip())) for v in untouched[:5])

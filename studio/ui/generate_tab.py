@@ -41,9 +41,31 @@ def lora_choices(ctx: AppContext) -> list[str]:
     return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
-def model_defaults(ctx: AppContext) -> dict:
-    entry = ctx.manager.catalog.get(ctx.settings.default_model)
+def model_defaults(ctx: AppContext, model: str | None = None) -> dict:
+    entry = ctx.manager.catalog.get(model or ctx.settings.default_model)
     return dict(entry.defaults) if entry else {}
+
+
+def sampler_choices(ctx: AppContext, model: str) -> list[str]:
+    """The samplers the model's family can use (Anima's flow matching takes Euler and UniPC)."""
+    from studio.generation.anima import ANIMA_SAMPLERS
+
+    entry = ctx.manager.catalog.get(model)
+    return list(ANIMA_SAMPLERS) if entry is not None and entry.family == "anima" else list(SAMPLERS)
+
+
+def on_model_change(ctx: AppContext, model: str):
+    """A catalog model brings its recommended size, steps, CFG and sampler (the user's prompt
+    stays); any other reference leaves the form as it is."""
+    defaults = model_defaults(ctx, model) if model in ctx.manager.catalog else {}
+    if not defaults:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Dropdown(choices=list(SAMPLERS))
+    size = f"{defaults.get('width')}x{defaults.get('height')}"
+    choices = sampler_choices(ctx, model)
+    sampler = defaults.get("sampler") if defaults.get("sampler") in choices else choices[0]
+    return (size if size in SIZE_CHOICES else CUSTOM, defaults.get("width", gr.skip()),
+            defaults.get("height", gr.skip()), defaults.get("steps", gr.skip()),
+            defaults.get("cfg_scale", gr.skip()), gr.Dropdown(choices=choices, value=sampler))
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -75,7 +97,8 @@ def build(ctx: AppContext) -> GenerateTab:
                 f["width"] = gr.Slider(256, 2048, value=defaults.get("width", 1024), step=8, label="Width")
                 f["height"] = gr.Slider(256, 2048, value=defaults.get("height", 1024), step=8, label="Height")
             with gr.Row():
-                f["sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults.get("sampler", "Euler a"), label="Sampler")
+                f["sampler"] = gr.Dropdown(sampler_choices(ctx, ctx.settings.default_model),
+                                           value=defaults.get("sampler", "Euler a"), label="Sampler")
                 f["steps"] = gr.Slider(1, 100, value=defaults.get("steps", 28), step=1, label="Steps")
                 f["cfg_scale"] = gr.Slider(1, 15, value=defaults.get("cfg_scale", 6.0), step=0.5, label="CFG scale")
             with gr.Row():
@@ -301,6 +324,9 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
     for component in preview_inputs:
         component.change(on_preview, inputs=preview_inputs, outputs=[c["final_prompt"], c["final_negative"]],
                          api_visibility="private", queue=False, show_progress="hidden")
+    f["model"].change(partial(on_model_change, ctx), inputs=f["model"],
+                      outputs=[c["size"], f["width"], f["height"], f["steps"], f["cfg_scale"], f["sampler"]],
+                      api_visibility="private", queue=False)
     c["size"].change(on_size, inputs=c["size"], outputs=[f["width"], f["height"]], api_visibility="private",
                      queue=False)
     c["png_file"].change(on_png_file, inputs=c["png_file"], outputs=c["png_text"], api_name="png_info")
