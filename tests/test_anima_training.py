@@ -152,3 +152,31 @@ def test_anima_presets_are_valid_configs():
     character = TrainConfig(**tomllib.loads((SHIPPED_DIR / "train" / "anima-character.toml").read_text()))
     assert character.resolutions == [1024, 1280] and character.mixed_captions.keep_first == 3
     assert character.mixed_captions.tag_dropout == 0.3
+
+
+def test_qwen3_text_encoder_training_has_its_own_lr_and_is_exported(dataset, tmp_path, models_dir, monkeypatch):
+    import studio.training.trainer as trainer
+
+    optimizers = []
+    original = trainer._optimizer_and_schedule
+
+    def capture(config, groups, plan):
+        optimizer, scheduler = original(config, groups, plan)
+        optimizers.append(optimizer)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(trainer, "_optimizer_and_schedule", capture)
+    config = anima_config(dataset, max_train_steps=3, learning_rate=1e-3, unet_lr=2e-3, train_text_encoder=True,
+                          text_encoder_lr=5e-3, train_llm_adapter=True, llm_adapter_lr=7e-4)
+    result = run(config, tmp_path, models_dir)
+    assert result.status == "done" and result.step == 3
+    lrs = [group["initial_lr"] if "initial_lr" in group else group["lr"] for group in optimizers[0].param_groups]
+    assert lrs == [2e-3, 7e-4, 5e-3]
+    tensors = load_file(str(result.run_dir / "loras" / "lora.safetensors"))
+    te = {k: v for k, v in tensors.items() if k.startswith("text_encoders.qwen3_06b.transformer.model.layers.")}
+    assert "text_encoders.qwen3_06b.transformer.model.layers.0.self_attn.q_proj.lora_A.weight" in te
+    assert any(".mlp.down_proj." in k for k in te)
+    ups = [v for k, v in te.items() if k.endswith(".lora_B.weight")]
+    assert ups and any(float(v.abs().max()) > 0 for v in ups)  # lora_B starts at zero: it was trained
+    assert any(k.startswith("diffusion_model.llm_adapter.") for k in tensors)
+    assert any(k.startswith("diffusion_model.blocks.") for k in tensors)

@@ -8,10 +8,16 @@ noise - x0, and is given s itself as its timestep (the pipeline divides the sche
 timesteps by 1000). x0 are VAE latents normalised per channel with the VAE's latents_mean /
 latents_std, 5-D: (B, C, T=1, H, W).
 
-Timestep sampling: logit-normal sigmas (sigmoid of a standard normal) shifted with shift 3.0,
-s' = shift * s / (1 + (shift - 1) * s). This follows what SD3 / Flux trainers use; the exact
-settings of diffusion-pipe's and sd-scripts' Anima support were not checked here, so this is the
-SD3/Flux default, not a copy of theirs.
+Timestep sampling follows tdrussell/diffusion-pipe, models/anima.py (AnimaPipeline.prepare_inputs),
+with timestep_sample_method = "logit_normal", sigmoid_scale = 1.0 and shift = 3.0: s = sigmoid(n),
+n ~ N(0, 1), then s' = shift * s / (1 + (shift - 1) * s). (diffusion-pipe applies no shift unless its
+`shift` option is set; 3.0 is the value chosen here. sd-scripts' Anima support was not read.)
+
+The Qwen3 text encoder can be trained too (train_text_encoder): a LoRA on its attention and MLP
+linears with text_encoder_lr; the LLM adapter has llm_adapter_lr. In the ComfyUI file the text
+encoder's LoRA is named `text_encoders.qwen3_06b.transformer.model.<module>` - ComfyUI's generic
+text-encoder LoRA names (`text_encoders.` + the key in its CLIP model's state dict), with the Anima
+Qwen3 encoder held as `qwen3_06b` whose `transformer.model` is the Qwen3 model.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ from pathlib import Path
 from studio.errors import ConfigError
 from studio.training.config import TrainConfig
 
-TIMESTEP_SHIFT = 3.0  # see the module docstring
+TIMESTEP_SHIFT = 3.0  # diffusion-pipe's `shift` (see the module docstring)
+SIGMOID_SCALE = 1.0  # diffusion-pipe's `sigmoid_scale` default
 MAX_SEQUENCE_LENGTH = 512
 VAE_SCALE = 8
 _BLOCK = r"^transformer_blocks\.\d+\."
 ATTENTION = _BLOCK + r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$"
 ATTENTION_FF = _BLOCK + r"((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)$"
 ADAPTER_TARGETS = r"^blocks\.\d+\.((self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)|mlp\.0|mlp\.2)$"
+TEXT_ENCODER_TARGETS = r"^layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$"
+TEXT_ENCODER_COMFY_PREFIX = "text_encoders.qwen3_06b.transformer.model."
 EXPORTABLE = ("lora",)
 
 
@@ -45,9 +54,6 @@ class AnimaTrainingModel:
 
         if config.network_type not in EXPORTABLE:
             raise ConfigError("Anima training supports LoRA networks only (network_type = \"lora\")")
-        if config.train_text_encoder:
-            raise ConfigError("Anima cannot train its Qwen3 text encoder here; use train_llm_adapter for the "
-                              "LLM adapter")
         if config.v_parameterization or config.zero_terminal_snr:
             raise ConfigError("v_parameterization / zero_terminal_snr are SDXL settings; Anima uses flow matching")
         if config.min_snr_gamma:
@@ -59,6 +65,7 @@ class AnimaTrainingModel:
         self.tokenizer, self.t5_tokenizer = pipe.tokenizer, pipe.t5_tokenizer
         self.noise_scheduler = pipe.scheduler
         self.train_adapter = config.train_llm_adapter
+        self.train_text_encoder = config.train_text_encoder
         self.vae_dtype = torch.float32
         for module in (self.transformer, self.vae, self.text_encoder, self.text_conditioner):
             module.requires_grad_(False)
@@ -90,6 +97,11 @@ class AnimaTrainingModel:
             self.text_conditioner.add_adapter(self._lora_config(ADAPTER_TARGETS))
             self.text_conditioner.train()
             groups.append({"params": self._trainable(self.text_conditioner),
+                           "lr": config.llm_adapter_lr or config.text_encoder_lr or config.learning_rate})
+        if self.train_text_encoder:
+            self.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
+            self.text_encoder.train()
+            groups.append({"params": self._trainable(self.text_encoder),
                            "lr": config.text_encoder_lr or config.learning_rate})
         for group in groups:
             for param in group["params"]:
@@ -104,11 +116,15 @@ class AnimaTrainingModel:
         return [p for p in module.parameters() if p.requires_grad]
 
     def trainable_modules(self) -> list:
-        return [self.transformer, *([self.text_conditioner] if self.train_adapter else [])]
+        return [self.transformer, *([self.text_conditioner] if self.train_adapter else []),
+                *([self.text_encoder] if self.train_text_encoder else [])]
 
     def use_prepared(self, modules: list) -> None:
+        modules = list(modules)
         if self.train_adapter and modules:
-            self.text_conditioner = modules[0]
+            self.text_conditioner = modules.pop(0)
+        if self.train_text_encoder and modules:
+            self.text_encoder = modules.pop(0)
 
     def network_state(self) -> dict[str, dict]:
         from peft.utils import get_peft_model_state_dict
@@ -116,12 +132,15 @@ class AnimaTrainingModel:
         parts = {"transformer": get_peft_model_state_dict(self.transformer)}
         if self.train_adapter:
             parts["text_conditioner"] = get_peft_model_state_dict(_unwrap(self.text_conditioner))
+        if self.train_text_encoder:
+            parts["text_encoder"] = get_peft_model_state_dict(_unwrap(self.text_encoder))
         return parts
 
     def load_network_state(self, parts: dict[str, dict]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        modules = {"transformer": self.transformer, "text_conditioner": _unwrap(self.text_conditioner)}
+        modules = {"transformer": self.transformer, "text_conditioner": _unwrap(self.text_conditioner),
+                   "text_encoder": _unwrap(self.text_encoder)}
         for name, state in parts.items():
             if name not in modules:
                 raise ConfigError(f"the saved network has a part {name!r} that Anima does not have")
@@ -156,10 +175,10 @@ class AnimaTrainingModel:
             ids, mask = ids.new_zeros((ids.shape[0], 1)), mask.new_zeros((mask.shape[0], 1))
         t5 = self.t5_tokenizer(captions, padding="longest", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                                return_tensors="pt")
-        with torch.no_grad():
+        with torch.enable_grad() if self.train_text_encoder else torch.no_grad():
             states = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=False).last_hidden_state
             states = states * mask.to(states).unsqueeze(-1)
-        grad = torch.enable_grad() if self.train_adapter else torch.no_grad()
+        grad = torch.enable_grad() if self.train_adapter or self.train_text_encoder else torch.no_grad()
         with grad:
             embeds = self.text_conditioner(
                 source_hidden_states=states.to(self.weight_dtype), target_input_ids=t5.input_ids.to(self.device),
@@ -169,7 +188,7 @@ class AnimaTrainingModel:
     def text_identity(self) -> str:
         from studio.training.cache import module_identity
 
-        return module_identity(self.text_encoder, _unwrap(self.text_conditioner))
+        return module_identity(_unwrap(self.text_encoder), _unwrap(self.text_conditioner))
 
     def vae_identity(self) -> str:
         from studio.training.cache import module_identity
@@ -187,7 +206,7 @@ class AnimaTrainingModel:
         """A sigma in (0, 1): logit-normal(0, 1), shifted (see the module docstring)."""
         import torch
 
-        sigma = float(torch.sigmoid(torch.randn((1,), generator=generator)))
+        sigma = float(torch.sigmoid(SIGMOID_SCALE * torch.randn((1,), generator=generator)))
         return TIMESTEP_SHIFT * sigma / (1 + (TIMESTEP_SHIFT - 1) * sigma)
 
     def timestep_tensor(self, values: list, device):
@@ -222,8 +241,9 @@ class AnimaTrainingModel:
     def park_frozen(self, text: bool, vae: bool) -> None:
         if self.device.type != "cuda":
             return
-        self._parked = [m for m, cached in ((self.text_encoder, text), (self.vae, vae)) if cached]
-        if text and not self.train_adapter:
+        self._parked = [m for m, cached in ((self.text_encoder, text and not self.train_text_encoder),
+                                            (self.vae, vae)) if cached]
+        if text and not self.train_adapter and not self.train_text_encoder:
             self._parked.append(self.text_conditioner)
         for module in self._parked:
             module.to("cpu")
@@ -245,7 +265,7 @@ class AnimaTrainingModel:
         with quiet_logger(GUIDER_LOGGER):
             guider = pipe.get_component_spec("guider").create(guidance_scale=cfg)
         pipe.update_components(guider=guider)
-        modules = [self.transformer, _unwrap(self.text_conditioner)]
+        modules = [self.transformer, _unwrap(self.text_conditioner), _unwrap(self.text_encoder)]
         modes = [m.training for m in modules]
         for module in modules:
             module.eval()
@@ -266,7 +286,8 @@ class AnimaTrainingModel:
 
     def lora_tensors(self, prefixed: bool) -> dict:
         """{key: tensor} with alpha / r baked into lora_B; ComfyUI names (`diffusion_model.` + the
-        original Cosmos path) or diffusers names (`transformer.` / `text_conditioner.`)."""
+        original Cosmos path, `text_encoders.qwen3_06b.transformer.model.` + the Qwen3 path) or
+        diffusers names (`transformer.` / `text_conditioner.` / `text_encoder.`)."""
         from studio.models.lora_format import ANIMA_COMFY_PREFIX, anima_original_path
 
         scale = self.config.network_alpha / self.config.network_dim
@@ -277,8 +298,12 @@ class AnimaTrainingModel:
                     continue
                 module = key.removesuffix(".lora_A.weight")
                 up = state[f"{module}.lora_B.weight"]
-                name = (f"{ANIMA_COMFY_PREFIX}{anima_original_path(component, module)}" if prefixed
-                        else f"{component}.{module}")
+                if not prefixed:
+                    name = f"{component}.{module}"
+                elif component == "text_encoder":
+                    name = f"{TEXT_ENCODER_COMFY_PREFIX}{module}"
+                else:
+                    name = f"{ANIMA_COMFY_PREFIX}{anima_original_path(component, module)}"
                 out[f"{name}.lora_A.weight"] = tensor.detach().float().contiguous()
                 out[f"{name}.lora_B.weight"] = (up.detach().float() * scale).contiguous()
         return out

@@ -21,7 +21,7 @@ RESUME_INVARIANT = (
     "bucket_reso_steps", "bucket_no_upscale", "flip_aug", "caption_scheme", "shuffle_caption", "keep_tokens",
     "keep_tokens_separator", "caption_tag_dropout_rate", "caption_dropout_rate", "mixed_captions",
     "network_type", "network_target", "network_dim", "network_alpha", "train_text_encoder", "train_llm_adapter", "learning_rate",
-    "unet_lr", "text_encoder_lr", "optimizer_type", "optimizer_args", "weight_decay", "lr_scheduler",
+    "unet_lr", "text_encoder_lr", "llm_adapter_lr", "optimizer_type", "optimizer_args", "weight_decay", "lr_scheduler",
     "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "max_train_steps",
     "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "noise_offset",
     "min_snr_gamma", "v_parameterization", "zero_terminal_snr", "mixed_precision", "seed", "validation_images",
@@ -76,6 +76,7 @@ class TrainConfig(_Config):
     learning_rate: float = Field(1e-4, gt=0)
     unet_lr: float | None = Field(None, gt=0)
     text_encoder_lr: float | None = Field(None, gt=0)
+    llm_adapter_lr: float | None = Field(None, gt=0)  # Anima: the LLM adapter's own LR (else text_encoder_lr)
     optimizer_type: str = "AdamW"
     optimizer_args: dict[str, float | int | bool | str | list[float]] = {}
     weight_decay: float = Field(0.01, ge=0)
