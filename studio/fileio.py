@@ -45,3 +45,44 @@ def inside(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+COMPLETE_MARKER = ".demo-complete.json"  # written last into a folder built by write_complete_folder
+
+
+def folder_is_complete(folder: Path, version: int) -> bool:
+    """The marker is written last, so its presence (with the current version) means complete."""
+    import json
+
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("version") == version
+
+
+def write_complete_folder(folder: Path, fill, marker: dict) -> Path:
+    """Build `folder` in a temporary sibling (`fill(tmp)` writes the files), write `marker` (with
+    its "version") last, then rename it into place. A half-written or outdated folder is replaced;
+    one that another process completed meanwhile is kept."""
+    import json
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        fill(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        if folder_is_complete(folder, marker["version"]):
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process renamed its copy in between
+            if not folder_is_complete(folder, marker["version"]):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from studio.errors import ModelNotFoundError
+from studio.fileio import COMPLETE_MARKER, folder_is_complete
 from studio.models import anima_compat, demo_anima
 from studio.models.catalog import ModelSource, load_catalog, resolve_reference
 from studio.models.loaders import load_anima, load_model
@@ -203,7 +204,7 @@ def test_cache_holds_a_modular_diffusers_folder(cached_folder):
         assert (cached_folder / name).is_dir(), name
         assert index[name][2]["pretrained_model_name_or_path"] is None  # found beside the index
     assert not list(cached_folder.rglob("*.bin"))
-    assert demo_anima.folder_is_complete(cached_folder)
+    assert folder_is_complete(cached_folder, demo_anima.DEMO_ANIMA_FORMAT_VERSION)
 
 
 def test_ensure_writes_once(cached_folder):
@@ -217,14 +218,14 @@ def test_ensure_writes_once(cached_folder):
 def test_half_written_or_outdated_folder_is_rebuilt(cached_folder, tmp_path, damage):
     folder = tmp_path / "demo-anima"
     shutil.copytree(cached_folder, folder)
-    marker = folder / demo_anima.MARKER
+    marker = folder / COMPLETE_MARKER
     if damage == "marker removed":
         marker.unlink()
         (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # a crash midway
     else:
         marker.write_text(json.dumps({"version": demo_anima.DEMO_ANIMA_FORMAT_VERSION - 1}))
     assert demo_anima.ensure_demo_anima(tmp_path) == folder
-    assert demo_anima.folder_is_complete(folder)
+    assert folder_is_complete(folder, demo_anima.DEMO_ANIMA_FORMAT_VERSION)
     assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

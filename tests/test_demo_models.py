@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from studio.fileio import COMPLETE_MARKER
 from studio.models import demo as demo_models
 from studio.models import sgm_convert
 
@@ -240,14 +241,14 @@ def test_half_written_folder_is_rebuilt(tmp_path, cached_demo, reference_image):
     cache = tmp_path / "models"
     shutil.copytree(cached_demo.folder, cache / "demo-sdxl")
     shutil.copy(cached_demo.single_file, cache / "demo-sdxl.safetensors")
-    (cache / "demo-sdxl" / demo_models._MARKER).unlink()  # a crash before the marker was written
+    (cache / "demo-sdxl" / COMPLETE_MARKER).unlink()  # a crash before the marker was written
     shutil.rmtree(cache / "demo-sdxl" / "unet")
     (cache / "demo-sdxl" / "leftover.txt").write_text("from the crashed run")
 
     rebuilt = demo_models.ensure_demo_sdxl(cache)
-    assert (rebuilt.folder / demo_models._MARKER).is_file()
+    assert (rebuilt.folder / COMPLETE_MARKER).is_file()
     assert not (rebuilt.folder / "leftover.txt").exists()
-    marker = json.loads((rebuilt.folder / demo_models._MARKER).read_text())
+    marker = json.loads((rebuilt.folder / COMPLETE_MARKER).read_text())
     assert marker["version"] == demo_models.DEMO_FORMAT_VERSION
     loaded = StableDiffusionXLPipeline.from_pretrained(rebuilt.folder)
     np.testing.assert_allclose(generate(loaded), reference_image, atol=1e-5)
@@ -256,7 +257,7 @@ def test_half_written_folder_is_rebuilt(tmp_path, cached_demo, reference_image):
 def test_missing_single_file_is_rebuilt(tmp_path, cached_demo):
     cache = tmp_path / "models"
     shutil.copytree(cached_demo.folder, cache / "demo-sdxl")
-    marker = cache / "demo-sdxl" / demo_models._MARKER
+    marker = cache / "demo-sdxl" / COMPLETE_MARKER
     marker_mtime = marker.stat().st_mtime_ns
     rebuilt = demo_models.ensure_demo_sdxl(cache)
     from safetensors.torch import load_file

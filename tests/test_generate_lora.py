@@ -42,8 +42,8 @@ def test_lora_changes_the_image_is_recorded_and_removal_restores_the_base(demo_m
 
 
 def test_a_lora_for_another_family_is_refused_and_generation_still_works(demo_manager, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     sd15 = tmp_path / "sd15.safetensors"
     save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),

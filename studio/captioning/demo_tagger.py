@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from studio.errors import StudioError
+from studio.fileio import folder_is_complete, write_complete_folder
 
 DEMO_TAGGER_NAME = "demo-tagger"
 DEMO_TAGGER_SEED = 0
@@ -41,7 +38,6 @@ CONV_GAIN = 1.5
 HEAD_GAIN = 1.5
 OPSET = 13
 IR_VERSION = 8  # an old IR version so that older onnxruntime releases load the file too
-_MARKER = ".demo-complete.json"
 
 # (name, category, logit bias). Category 9 = rating, 0 = general, 4 = character.
 DEMO_TAGS: list[tuple[str, int, float]] = [
@@ -135,15 +131,6 @@ def build_demo_tagger_model(seed: int = DEMO_TAGGER_SEED):
 # ---------------------------------------------------------------------------------------------
 # The demo tagger in a models cache
 # ---------------------------------------------------------------------------------------------
-def _folder_is_complete(folder: Path) -> bool:
-    """The marker is written last, so its presence (with the current version) means complete."""
-    try:
-        marker = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("version") == DEMO_TAGGER_VERSION
-
-
 def ensure_demo_tagger(models_dir: Path) -> Path:
     """Write `models_dir/demo-tagger/` (model.onnx, selected_tags.csv) once and return it.
 
@@ -152,25 +139,11 @@ def ensure_demo_tagger(models_dir: Path) -> Path:
     rebuilt. Later calls return at once without writing.
     """
     folder = Path(models_dir) / DEMO_TAGGER_NAME
-    if _folder_is_complete(folder):
+    if folder_is_complete(folder, DEMO_TAGGER_VERSION):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "model.onnx").write_bytes(build_demo_tagger_model(DEMO_TAGGER_SEED).SerializeToString())
         (tmp / "selected_tags.csv").write_text(selected_tags_csv(), encoding="utf-8")
-        marker = {"version": DEMO_TAGGER_VERSION, "seed": DEMO_TAGGER_SEED}
-        (tmp / _MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if _folder_is_complete(folder):  # another process finished first: keep its copy
-            return folder
-        if folder.exists():  # half-written or outdated: replace it
-            shutil.rmtree(folder)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process renamed its copy in between
-            if not _folder_is_complete(folder):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+
+    return write_complete_folder(folder, fill, {"version": DEMO_TAGGER_VERSION, "seed": DEMO_TAGGER_SEED})

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio.fileio import folder_is_complete, write_complete_folder
 from studio.models.sgm_convert import sdxl_pipeline_to_sgm
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -293,18 +293,6 @@ def build_demo_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 DEMO_SDXL_NAME = "demo-sdxl"
 DEMO_SDXL_SEED = 0
 DEMO_FORMAT_VERSION = 1  # bump when the demo's configs change: older caches are then rebuilt
-_MARKER = ".demo-complete.json"
-
-
-def _folder_is_complete(folder: Path) -> bool:
-    """The marker is written last, so its presence (with the current version) means complete."""
-    try:
-        marker = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("version") == DEMO_FORMAT_VERSION
-
-
 def _write_single_file(pipe, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -326,20 +314,8 @@ def _write_single_file(pipe, path: Path) -> None:
 
 
 def _write_folder(pipe, folder: Path) -> None:
-    """save_pretrained into a temp sibling, marker last, then rename into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"version": DEMO_FORMAT_VERSION, "seed": DEMO_SDXL_SEED}
-        (tmp / _MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if _folder_is_complete(folder):  # another process finished first: keep its copy
-            return
-        if folder.exists():  # half-written or outdated: replace it
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    marker = {"version": DEMO_FORMAT_VERSION, "seed": DEMO_SDXL_SEED}
+    write_complete_folder(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), marker)
 
 
 def ensure_demo_sdxl(cache_dir: Path) -> DemoSDXL:
@@ -359,12 +335,12 @@ def ensure_demo_sdxl(cache_dir: Path) -> DemoSDXL:
         folder=cache_dir / DEMO_SDXL_NAME,
         single_file=cache_dir / f"{DEMO_SDXL_NAME}.safetensors",
     )
-    if demo.single_file.is_file() and _folder_is_complete(demo.folder):
+    if demo.single_file.is_file() and folder_is_complete(demo.folder, DEMO_FORMAT_VERSION):
         return demo
     cache_dir.mkdir(parents=True, exist_ok=True)
     pipe = build_demo_sdxl_pipeline(DEMO_SDXL_SEED)
     _write_single_file(pipe, demo.single_file)
-    if _folder_is_complete(demo.folder):  # only the single file was missing
+    if folder_is_complete(demo.folder, DEMO_FORMAT_VERSION):  # only the single file was missing
         return demo
     _write_folder(pipe, demo.folder)  # last: its marker says both are complete
     return demo

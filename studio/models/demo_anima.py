@@ -22,15 +22,13 @@ functions that need them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 # The same byte <-> printable-character map and booru word list as the demo SDXL tokenizer.
+from studio.fileio import folder_is_complete, write_complete_folder
 from studio.models.demo import _CORPUS as BOORU_WORDS
 from studio.models.demo import _bytes_to_unicode, learn_merges
 
@@ -41,7 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 DEMO_ANIMA_NAME = "demo-anima"
 DEMO_ANIMA_SEED = 0
 DEMO_ANIMA_FORMAT_VERSION = 1  # bump when the configs change: older caches are then rebuilt
-MARKER = ".demo-complete.json"
 
 # ---------------------------------------------------------------------------------------------
 # Sizes. Real Anima: Qwen3 0.6B (hidden 1024, 28 layers), conditioner 1024 wide with 6 blocks,
@@ -218,15 +215,6 @@ def build_demo_anima_pipeline(seed: int = DEMO_ANIMA_SEED) -> AnimaModularPipeli
 # ---------------------------------------------------------------------------------------------
 # The demo model in a models cache
 # ---------------------------------------------------------------------------------------------
-def folder_is_complete(folder: Path) -> bool:
-    """The marker is written last, so its presence (with the current version) means complete."""
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("version") == DEMO_ANIMA_FORMAT_VERSION
-
-
 def _index_without_locations(saved_in: Path) -> None:
     """save_pretrained records where each component was saved: the temporary folder, soon gone.
     Record no location instead: diffusers loads a component whose files lie beside the index
@@ -241,21 +229,11 @@ def _index_without_locations(saved_in: Path) -> None:
 
 
 def _write_folder(pipe, folder: Path) -> None:
-    """save_pretrained into a temp sibling, marker last, then rename into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    def fill(tmp: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True, overwrite_modular_index=True)
         _index_without_locations(tmp)
-        marker = {"version": DEMO_ANIMA_FORMAT_VERSION, "seed": DEMO_ANIMA_SEED}
-        (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if folder_is_complete(folder):  # another process finished first: keep its copy
-            return
-        if folder.exists():  # half-written or outdated: replace it
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    write_complete_folder(folder, fill, {"version": DEMO_ANIMA_FORMAT_VERSION, "seed": DEMO_ANIMA_SEED})
 
 
 def ensure_demo_anima(cache_dir: Path) -> Path:
@@ -264,7 +242,7 @@ def ensure_demo_anima(cache_dir: Path) -> Path:
     demo version is rebuilt. Load it with `AnimaModularPipeline.from_pretrained(folder)`."""
     cache_dir = Path(cache_dir)
     folder = cache_dir / DEMO_ANIMA_NAME
-    if folder_is_complete(folder):
+    if folder_is_complete(folder, DEMO_ANIMA_FORMAT_VERSION):
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_folder(build_demo_anima_pipeline(DEMO_ANIMA_SEED), folder)

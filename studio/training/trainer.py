@@ -11,12 +11,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 from studio.errors import ConfigError, StudioError
-from studio.training.checkpoint import (TrainingState, check_resumable, list_states, load_state, prune_states,
-                                        save_state)
+from studio.training.checkpoint import (
+    TrainingState,
+    check_resumable,
+    list_states,
+    load_state,
+    prune_states,
+    save_state,
+)
 from studio.training.config import TrainConfig
 from studio.training.data import BatchPlan, collect_samples
-from studio.training.loop import (SMOOTHING_WINDOW, BatchBuilder, EventLog, Plan, RunResult, TrainEvent,
-                                  diffusion_loss, make_plan, seed_for, validation_loss)
+from studio.training.loop import (
+    SMOOTHING_WINDOW,
+    BatchBuilder,
+    EventLog,
+    Plan,
+    RunResult,
+    TrainEvent,
+    diffusion_loss,
+    make_plan,
+    seed_for,
+    validation_loss,
+)
 
 
 def _accelerator(config: TrainConfig):

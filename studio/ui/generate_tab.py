@@ -18,9 +18,24 @@ from studio.generation.infotext import infotext_to_form, parse_infotext, read_in
 from studio.generation.prompt import build_prompt
 from studio.generation.samplers import SAMPLERS
 from studio.jobs import Job
-from studio.schemas import AESTHETIC_TAGS, ANIMAGINE_SIZES, RATING_TAGS, YEAR_TAGS, GridConfig, PromptStyle, validate
-from studio.ui.forms import GENERATE_FIELDS, LORA_SLOTS, as_dict, generate_form, named_parameters, workspace_file
+from studio.schemas import (
+    AESTHETIC_TAGS,
+    ANIMAGINE_SIZES,
+    RATING_TAGS,
+    YEAR_TAGS,
+    GridConfig,
+    PromptStyle,
+    validate,
+)
 from studio.ui.format import job_status_line
+from studio.ui.forms import (
+    GENERATE_FIELDS,
+    LORA_SLOTS,
+    as_dict,
+    generate_form,
+    named_parameters,
+    workspace_file,
+)
 
 CUSTOM = "Custom"
 SIZE_CHOICES = [f"{w}x{h}" for w, h in ANIMAGINE_SIZES] + [CUSTOM]
