@@ -74,17 +74,18 @@ def place_pipeline(pipe, policy: VramPolicy, device: DeviceInfo) -> None:
     elif policy is VramPolicy.NORMAL:
         pipe.enable_model_cpu_offload(device=device.execution_device)
     elif policy is VramPolicy.LOW:
-        import torch
-
-        pipe.enable_group_offload(
-            onload_device=torch.device(device.execution_device),
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=True,
-        )
+        pipe.enable_group_offload(**group_offload_options(device))
         enable_vae_tiling(pipe)
     else:
         raise ValueError(f"unplaceable policy {policy}")
+
+
+def group_offload_options(device: DeviceInfo) -> dict:
+    """The LOW policy's group offloading: leaf-level layers streamed from RAM on CUDA streams."""
+    import torch
+
+    return {"onload_device": torch.device(device.execution_device), "offload_device": torch.device("cpu"),
+            "offload_type": "leaf_level", "use_stream": True}
 
 
 def enable_vae_tiling(pipe) -> bool:
@@ -180,17 +181,10 @@ class ModularPipelinePlacement:
             manager.enable_auto_cpu_offload(device=device.execution_device)
             pipe.studio_offload = manager
         elif policy is VramPolicy.LOW:
-            import torch
             from diffusers.hooks import apply_group_offloading
 
             for _name, model in _pipeline_models(pipe):
-                apply_group_offloading(
-                    model,
-                    onload_device=torch.device(device.execution_device),
-                    offload_device=torch.device("cpu"),
-                    offload_type="leaf_level",
-                    use_stream=True,
-                )
+                apply_group_offloading(model, **group_offload_options(device))
             enable_vae_tiling(pipe)
         else:
             raise ValueError(f"unplaceable policy {policy}")
