@@ -26,6 +26,7 @@ from pathlib import Path
 
 from studio.errors import ConfigError
 from studio.training.config import TrainConfig
+from studio.training.network import finish_network, trainable
 
 TIMESTEP_SHIFT = 3.0  # diffusion-pipe's `shift` (see the module docstring)
 SIGMOID_SCALE = 1.0  # diffusion-pipe's `sigmoid_scale` default
@@ -92,28 +93,18 @@ class AnimaTrainingModel:
         config = self.config
         torch.manual_seed(config.seed)
         self.transformer.add_adapter(self._lora_config(transformer_targets(config.network_target)))
-        groups = [{"params": self._trainable(self.transformer), "lr": config.unet_lr or config.learning_rate}]
+        groups = [{"params": trainable(self.transformer), "lr": config.unet_lr or config.learning_rate}]
         if self.train_adapter:
             self.text_conditioner.add_adapter(self._lora_config(ADAPTER_TARGETS))
             self.text_conditioner.train()
-            groups.append({"params": self._trainable(self.text_conditioner),
+            groups.append({"params": trainable(self.text_conditioner),
                            "lr": config.llm_adapter_lr or config.text_encoder_lr or config.learning_rate})
         if self.train_text_encoder:
             self.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
             self.text_encoder.train()
-            groups.append({"params": self._trainable(self.text_encoder),
+            groups.append({"params": trainable(self.text_encoder),
                            "lr": config.text_encoder_lr or config.learning_rate})
-        for group in groups:
-            for param in group["params"]:
-                param.data = param.data.to(torch.float32)
-        if config.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.transformer.train()
-        return groups
-
-    @staticmethod
-    def _trainable(module) -> list:
-        return [p for p in module.parameters() if p.requires_grad]
+        return finish_network(groups, self.transformer, config.gradient_checkpointing)
 
     def trainable_modules(self) -> list:
         return [self.transformer, *([self.text_conditioner] if self.train_adapter else []),

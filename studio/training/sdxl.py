@@ -8,6 +8,7 @@ from pathlib import Path
 
 from studio.errors import ConfigError
 from studio.training.config import TrainConfig
+from studio.training.network import finish_network, trainable
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 FEED_FORWARD = ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -67,26 +68,16 @@ class SDXLTrainingModel:
         config = self.config
         torch.manual_seed(config.seed)  # the network's initial weights depend on the seed alone
         self.unet.add_adapter(network_config(config, unet_targets(config.network_target)))
-        groups = [{"params": self._trainable(self.unet), "lr": config.unet_lr or config.learning_rate}]
+        groups = [{"params": trainable(self.unet), "lr": config.unet_lr or config.learning_rate}]
         if config.train_text_encoder:
             if config.network_type not in ("lora", "dora"):
                 raise ConfigError("text-encoder training supports LoRA and DoRA networks only")
             for encoder in self.text_encoders:
                 encoder.add_adapter(network_config(config, TEXT_TARGETS))
                 encoder.train()
-            groups.append({"params": [p for e in self.text_encoders for p in self._trainable(e)],
+            groups.append({"params": [p for e in self.text_encoders for p in trainable(e)],
                            "lr": config.text_encoder_lr or config.learning_rate})
-        for group in groups:
-            for param in group["params"]:
-                param.data = param.data.to(torch.float32)  # trained weights stay in fp32
-        if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
-        return groups
-
-    @staticmethod
-    def _trainable(module) -> list:
-        return [p for p in module.parameters() if p.requires_grad]
+        return finish_network(groups, self.unet, config.gradient_checkpointing)
 
     def trainable_modules(self) -> list:
         return [self.unet, *(self.text_encoders if self.config.train_text_encoder else [])]
