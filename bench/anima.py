@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from train import PEAK_BF16_FLOPS, full_size_case, make_dataset, studio_block, sync
+from train import PEAK_BF16_FLOPS, full_size_case, make_dataset, print_flops, report_case, studio_block, sync
 from train import bench_config as train_bench_config
 
 from studio.schemas import GenerateConfig, PromptStyle
@@ -405,27 +405,10 @@ def run_full_size(args, workdir: Path) -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         for checkpointing in (False, True):
             label = f"batch {batch} checkpointing {'on ' if checkpointing else 'off'}"
-            try:
-                result = full_size_case(workdir, dataset, args, batch, checkpointing, True, "AdamW", size,
-                                        loader=full_size_train_loader)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{label}: out of GPU memory", flush=True)
-                result = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            if result is None:
-                continue
-            if batch not in flops:
-                flops[batch] = train_flops(result["config"], batch, size)
-            seconds = result["seconds"]
-            line = (f"{label}: {1 / seconds:.2f} it/s ({batch / seconds:.2f} images/s), peak VRAM "
-                    f"{result['train']:.1f} GiB (setup {result['setup']:.1f} GiB)")
-            if peak:
-                line += f", MFU {flops[batch] / seconds / peak:.1%}"
-            print(line, flush=True)
-    print("FLOPs of one forward + backward (torch's FlopCounterMode): "
-          + ", ".join(f"batch {b}: {f / 1e12:.1f} TFLOP" for b, f in flops.items())
-          + (f"; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "; unknown GPU peak: no MFU"))
+            report_case(label, batch, lambda: full_size_case(workdir, dataset, args, batch, checkpointing, True,
+                                                             "AdamW", size, loader=full_size_train_loader),
+                        flops, lambda config: train_flops(config, batch, size), peak)
+    print_flops(flops, peak)
 
 
 def main() -> None:

@@ -314,6 +314,36 @@ def full_size_case(workdir: Path, dataset: Path, args, batch: int, checkpointing
     return {**block, "config": config, "seconds": statistics.median(block["times"])}
 
 
+def report_case(label: str, batch: int, run, flops: dict, flops_for, peak: float | None) -> None:
+    """Run one full-size case and print it/s, peak VRAM and MFU (FLOPs counted once per batch)."""
+
+    import torch
+
+    try:
+        result = run()
+    except torch.cuda.OutOfMemoryError:
+        print(f"{label}: out of GPU memory", flush=True)
+        result = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    if result is None:
+        return
+    if batch not in flops:
+        flops[batch] = flops_for(result["config"])
+    seconds = result["seconds"]
+    line = (f"{label}: {1 / seconds:.2f} it/s ({batch / seconds:.2f} images/s), peak VRAM "
+            f"{result['train']:.1f} GiB (setup {result['setup']:.1f} GiB)")
+    if peak:
+        line += f", MFU {flops[batch] / seconds / peak:.1%}"
+    print(line, flush=True)
+
+
+def print_flops(flops: dict, peak: float | None) -> None:
+    print("FLOPs of one forward + backward (torch's FlopCounterMode): "
+          + ", ".join(f"batch {b}: {f / 1e12:.1f} TFLOP" for b, f in flops.items())
+          + (f"; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "; unknown GPU peak: no MFU"))
+
+
 def run_full_size(args, workdir: Path) -> None:
     import torch
 
@@ -334,26 +364,10 @@ def run_full_size(args, workdir: Path) -> None:
     for batch, checkpointing, cached, optimizer in cases:
         label = (f"batch {batch} {optimizer:9s} checkpointing {'on ' if checkpointing else 'off'} "
                  f"cached {'yes' if cached else 'no '}")
-        try:
-            result = full_size_case(workdir, dataset, args, batch, checkpointing, cached, optimizer, size)
-        except torch.cuda.OutOfMemoryError:
-            print(f"{label}: out of GPU memory", flush=True)
-            result = None
-        gc.collect()
-        torch.cuda.empty_cache()
-        if result is None:
-            continue
-        if batch not in flops:
-            flops[batch] = train_flops(result["config"], batch, size)
-        seconds = result["seconds"]
-        line = (f"{label}: {1 / seconds:.2f} it/s ({batch / seconds:.2f} images/s), peak VRAM "
-                f"{result['train']:.1f} GiB (setup {result['setup']:.1f} GiB)")
-        if peak:
-            line += f", MFU {flops[batch] / seconds / peak:.1%}"
-        print(line, flush=True)
-    print("FLOPs of one forward + backward (torch's FlopCounterMode): "
-          + ", ".join(f"batch {b}: {f / 1e12:.1f} TFLOP" for b, f in flops.items())
-          + (f"; MFU against {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "; unknown GPU peak: no MFU"))
+        report_case(label, batch, lambda: full_size_case(workdir, dataset, args, batch, checkpointing, cached,
+                                                         optimizer, size),
+                    flops, lambda config: train_flops(config, batch, size), peak)
+    print_flops(flops, peak)
     print("targets: AdamW8bit + checkpointing + cached at batch 1 <= 10 GB peak VRAM; at batch 4 >= 35% MFU on an H100")
 
 
