@@ -8,20 +8,28 @@ import sys
 from pathlib import Path
 
 from studio.errors import ConfigError
-from studio.settings import AUTH_ENV, Settings
+from studio.settings import FLAG_ENV, Settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Anime LoRA Studio: caption, train and generate anime LoRAs")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also serve on a public Gradio share link")
-    parser.add_argument("--auth", help=f"USER:PASS login for the page (or set {AUTH_ENV})")
-    parser.add_argument("--demo", action="store_true", help="default to tiny random-weight demo models (offline)")
-    parser.add_argument("--workspace", type=Path, default=Path("workspace"),
-                        help="folder for datasets, outputs, LoRAs, runs and the models cache")
-    parser.add_argument("--vram", default="auto", choices=["auto", "high", "normal", "low", "cpu"],
-                        help="how models use GPU memory (auto picks by free VRAM)")
+    """Flags left out are None: Settings.from_args then reads their environment variables."""
+    parser = argparse.ArgumentParser(
+        description="Anime LoRA Studio: caption, train and generate anime LoRAs",
+        epilog="Each flag can also be set by the environment variable in brackets; a flag wins.",
+    )
+    env = FLAG_ENV
+    parser.add_argument("--host", help=f"address to listen on (default: this machine only; 0.0.0.0 in a "
+                                       f"Hugging Face Space) [{env['host']}]")
+    parser.add_argument("--port", type=int, help=f"port (default 7860) [{env['port']}]")
+    parser.add_argument("--share", action="store_true", default=None,
+                        help=f"also serve on a public Gradio share link [{env['share']}=1]")
+    parser.add_argument("--auth", help=f"USER:PASS login for the page [{env['auth']}]")
+    parser.add_argument("--demo", action="store_true", default=None,
+                        help=f"default to tiny random-weight demo models (offline) [{env['demo']}=1]")
+    parser.add_argument("--workspace", type=Path,
+                        help=f"folder for datasets, outputs, LoRAs and runs (default ./workspace) [{env['workspace']}]")
+    parser.add_argument("--vram", choices=["auto", "high", "normal", "low", "cpu"],
+                        help=f"how models use GPU memory (default auto: picks by free VRAM) [{env['vram']}]")
     return parser.parse_args(argv)
 
 
@@ -35,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     for warning in settings.security_warnings():
         print(f"WARNING: {warning}", file=sys.stderr)
     settings.ensure_workspace()
+    if settings.zero_gpu:  # `spaces` patches CUDA: import it before anything touches torch
+        import studio.spaces_gpu  # noqa: F401  (its GPU functions must exist at launch)
 
     from studio.context import AppContext
     from studio.ui.app import build_app, launch
 
     ctx = AppContext.create(settings)
+    if settings.zero_gpu:  # ZeroGPU forks its GPU worker from this process: load the model here first
+        ctx.preload_default_model()
     launch(build_app(ctx), ctx)
     return 0
 

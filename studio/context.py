@@ -3,7 +3,6 @@ tab. Heavy shared objects live here, not in gr.State (which must be deep-copyabl
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +12,6 @@ from typing import Any
 from studio.jobs import JobRunner
 from studio.models.manager import ModelManager
 from studio.settings import Settings
-
-
-def on_zerogpu() -> bool:
-    """Hugging Face ZeroGPU Spaces set this; there GPU work must run inside `spaces.GPU`."""
-    return os.environ.get("SPACES_ZERO_GPU") == "true"
 
 
 @dataclass
@@ -30,8 +24,42 @@ class AppContext:
 
     @classmethod
     def create(cls, settings: Settings) -> AppContext:
-        manager = ModelManager(settings.models_dir, requested_policy=settings.vram)
+        device = None
+        if settings.zero_gpu:  # the app's own process never has the GPU: models wait in RAM, in bf16
+            from studio.models.devices import DeviceInfo
+
+            device = DeviceInfo("cpu", "ZeroGPU (a GPU is attached for each call)", bf16=True)
+        manager = ModelManager(settings.models_dir, requested_policy=settings.vram, device=device)
+        if settings.zero_gpu:
+            from studio import spaces_gpu
+
+            spaces_gpu.bind(manager)
         return cls(settings, manager, JobRunner())
+
+    def preload_default_model(self) -> None:
+        """Load the default model into RAM now (ZeroGPU: its worker inherits it when forked)."""
+        source = self.manager.resolve(self.settings.default_model)
+        print(f"Loading {source.name} into RAM for ZeroGPU ...", flush=True)
+        self.manager.get(source)
+
+    # -- GPU work: in this process, or as ZeroGPU calls -----------------------------------------------
+    def generate_function(self) -> Callable[..., Any]:
+        """generate(), or on ZeroGPU its one-GPU-call twin of the same signature."""
+        if self.settings.zero_gpu:
+            from studio.spaces_gpu import generate_in_call
+
+            return generate_in_call
+        from studio.generation.generate import generate
+
+        return generate
+
+    def caption_gpu_calls(self):
+        """None (caption in this process), or on ZeroGPU one GPU call per batch of images."""
+        if not self.settings.zero_gpu:
+            return None
+        from studio.spaces_gpu import caption_calls
+
+        return caption_calls()
 
     def dataset(self, folder: str | Path):
         """The one Dataset object of a folder (its lock and undo history are shared by every tab
@@ -48,12 +76,3 @@ class AppContext:
             if path not in self._datasets:
                 self._datasets[path] = Dataset(path)
             return self._datasets[path]
-
-    def gpu_function(self, fn: Callable[..., Any], duration: int = 120) -> Callable[..., Any]:
-        """`fn` wrapped for ZeroGPU when running there (each call gets a GPU for up to `duration`
-        seconds); unchanged everywhere else, where the `spaces` package is not needed."""
-        if not on_zerogpu():
-            return fn
-        import spaces
-
-        return spaces.GPU(duration=duration)(fn)

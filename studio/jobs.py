@@ -4,6 +4,7 @@ a job; the CLI draws a bar from the same reports. No gradio here."""
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 import time
@@ -42,7 +43,11 @@ class Job:
         self.events: deque[JobEvent] = deque(maxlen=max_events)
         self._fn = fn
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"job-{self.id}-{name}", daemon=True)
+        # The job runs in the starter's context (contextvars): e.g. the Gradio request, which a
+        # ZeroGPU call reads to charge the visitor's own GPU quota.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=f"job-{self.id}-{name}",
+                                        daemon=True)
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> Job:

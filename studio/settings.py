@@ -16,6 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from studio.errors import ConfigError
 
 AUTH_ENV = "STUDIO_AUTH"  # "user:password"; a Space sets it as a secret
+# Every command-line flag has an environment variable (a Space's settings); a flag wins.
+# --host and --port use Gradio's own variables, which Hugging Face Spaces sets.
+FLAG_ENV = {
+    "host": "GRADIO_SERVER_NAME",
+    "port": "GRADIO_SERVER_PORT",
+    "share": "STUDIO_SHARE",
+    "auth": AUTH_ENV,
+    "demo": "STUDIO_DEMO",
+    "workspace": "STUDIO_WORKSPACE",
+    "vram": "STUDIO_VRAM",
+}
+DEFAULTS = {"host": "127.0.0.1", "port": "7860", "share": "", "auth": "", "demo": "", "workspace": "workspace",
+            "vram": "auto"}
+SPACE_DEFAULTS = {"host": "0.0.0.0"}  # Spaces routes its traffic to port 7860 on every interface
 VramChoice = Literal["auto", "high", "normal", "low", "cpu"]
 WORKSPACE_DIRS = ("datasets", "outputs", "loras", "runs", "models")
 
@@ -28,6 +42,17 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise ConfigError("--auth must look like USER:PASSWORD (both parts non-empty)")
     return user, password
+
+
+def env_flag(value: str | bool | None) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    normal = value.strip().lower()
+    if normal in ("1", "true", "yes", "on"):
+        return True
+    if normal in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{value!r} is not a yes/no value: use 1/0, true/false, yes/no or on/off")
 
 
 def is_loopback(host: str) -> bool:
@@ -49,6 +74,10 @@ class Settings(BaseModel):
     auth: tuple[str, str] | None = None
     demo: bool = False
     vram: VramChoice = "auto"
+    # Hugging Face Spaces (read from the variables Spaces sets; None/False elsewhere)
+    space_id: str | None = None  # "owner/name"
+    zero_gpu: bool = False  # SPACES_ZERO_GPU: GPU work runs in `spaces.GPU` calls
+    oauth: bool = False  # the Space has `hf_oauth: true` (Sign in with Hugging Face)
 
     @field_validator("workspace")
     @classmethod
@@ -57,12 +86,38 @@ class Settings(BaseModel):
 
     @classmethod
     def from_args(cls, args, environ: dict[str, str] | None = None) -> Settings:
+        """Each value from its flag, else its environment variable (FLAG_ENV), else the default
+        (in a Space: listen on every interface, as Spaces expects)."""
         environ = os.environ if environ is None else environ
-        auth = parse_auth(args.auth or environ.get(AUTH_ENV))
+        space_id = environ.get("SPACE_ID") or None
+        defaults = {**DEFAULTS, **(SPACE_DEFAULTS if space_id else {})}
+
+        def value(name: str):
+            flag = getattr(args, name, None)
+            if flag is not None and flag is not False:
+                return flag
+            return environ.get(FLAG_ENV[name]) or defaults[name]
+
+        port = value("port")
+        try:
+            port = int(port)
+        except ValueError:
+            raise ConfigError(f"port {port!r} ({FLAG_ENV['port']}) is not a number") from None
+        vram = value("vram")
+        if vram not in VramChoice.__args__:
+            raise ConfigError(f"{FLAG_ENV['vram']}={vram!r}: use one of {', '.join(VramChoice.__args__)}")
         return cls(
-            workspace=args.workspace, host=args.host, port=args.port, share=args.share,
-            auth=auth, demo=args.demo, vram=args.vram,
+            workspace=Path(value("workspace")), host=value("host"), port=port,
+            share=env_flag(value("share")), auth=parse_auth(value("auth")), demo=env_flag(value("demo")),
+            vram=vram, space_id=space_id, zero_gpu=env_flag(environ.get("SPACES_ZERO_GPU")),
+            oauth=bool(space_id and environ.get("OAUTH_CLIENT_ID")),
         )
+
+    @property
+    def multi_user(self) -> bool:
+        """A public Space with "Sign in with Hugging Face": each signed-in user gets a workspace of
+        their own. Behind a password (--auth) everyone who logs in shares one, as locally."""
+        return self.oauth and self.auth is None
 
     @property
     def default_model(self) -> str:
@@ -95,8 +150,12 @@ class Settings(BaseModel):
 
     def security_warnings(self) -> list[str]:
         """What an operator must hear before the app is reachable by others."""
-        if self.auth:
+        if self.auth or self.multi_user:
             return []
+        if self.space_id:
+            return [f"this Space ({self.space_id}) has no login: anyone who opens it shares one workspace and "
+                    f"can use its GPU. Set the secret {AUTH_ENV}=USER:PASS, or add `hf_oauth: true` to the "
+                    "README front matter so each visitor signs in with Hugging Face and gets a workspace of their own."]
         warnings = []
         if self.share:
             warnings.append(

@@ -20,17 +20,22 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, workspace: Path, *extra: str):
+    """`python app.py --demo --port P --workspace W *extra`; or, with `argv` given, `python app.py
+    *argv` and the port in GRADIO_SERVER_PORT (as a Space starts it). `env` adds variables."""
+
+    def __init__(self, workspace: Path, *extra: str, argv: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.workspace = workspace
-        env = dict(os.environ, GRADIO_TEMP_DIR=str(workspace / "gradio-tmp"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, GRADIO_TEMP_DIR=str(workspace / "gradio-tmp"), PYTHONUNBUFFERED="1", **(env or {}))
+        if argv is None:
+            argv = ["--demo", "--port", str(self.port), "--workspace", str(workspace), *extra]
+        else:
+            env["GRADIO_SERVER_PORT"] = str(self.port)
         self.log = open(workspace / "app.log", "w")
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "app.py", "--demo", "--port", str(self.port), "--workspace", str(workspace), *extra],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        self.process = subprocess.Popen([sys.executable, "app.py", *argv], cwd=ROOT, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
 
     def wait_until_serving(self, timeout: float = 60) -> float:
         """Seconds from start until the page answered."""

@@ -192,7 +192,7 @@ def test_captions_stream_into_the_gallery_and_stop_keeps_what_was_written(ctx, d
     monkeypatch.setattr(tab, "POLL_SECONDS", 0.01)
     monkeypatch.setattr(tab, "GALLERY_REFRESH_SECONDS", 0.02)
 
-    def slow_caption(manager, config, report, stop, dataset=None):  # one caption per 0.25 s until stopped
+    def slow_caption(manager, config, report, stop, dataset=None, gpu_calls=None):  # one caption per 0.25 s
         run = CaptionRunReport(images=3)
         for i in range(3):
             if stop.is_set():

@@ -65,3 +65,55 @@ def test_importing_the_app_and_ui_loads_no_heavy_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- environment variables and Hugging Face Spaces ---------------------------------------------------
+def test_every_flag_has_an_environment_variable(tmp_path):
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000", "STUDIO_SHARE": "1", "STUDIO_AUTH": "a:b",
+           "STUDIO_DEMO": "true", "STUDIO_WORKSPACE": str(tmp_path / "ws"), "STUDIO_VRAM": "low"}
+    settings = settings_for([], env)
+    assert (settings.host, settings.port, settings.share, settings.auth, settings.demo, settings.vram) == (
+        "0.0.0.0", 9000, True, ("a", "b"), True, "low")
+    assert settings.workspace == (tmp_path / "ws").resolve()
+
+
+def test_flags_win_over_variables(tmp_path):
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000", "STUDIO_WORKSPACE": str(tmp_path / "env"),
+           "STUDIO_VRAM": "low", "STUDIO_AUTH": "env:pw"}
+    settings = settings_for(["--host", "127.0.0.1", "--port", "7000", "--workspace", str(tmp_path / "flag"),
+                             "--vram", "cpu", "--auth", "flag:pw"], env)
+    assert (settings.host, settings.port, settings.vram, settings.auth) == ("127.0.0.1", 7000, "cpu", ("flag", "pw"))
+    assert settings.workspace == (tmp_path / "flag").resolve()
+
+
+def test_a_space_listens_where_spaces_expects(tmp_path):
+    space = settings_for(["--workspace", str(tmp_path)], {"SPACE_ID": "me/studio"})
+    assert (space.host, space.port, space.space_id) == ("0.0.0.0", 7860, "me/studio")
+    local = settings_for(["--workspace", str(tmp_path)], {})
+    assert (local.host, local.space_id, local.zero_gpu, local.oauth) == ("127.0.0.1", None, False, False)
+
+
+def test_zerogpu_and_oauth_come_from_the_space(tmp_path):
+    env = {"SPACE_ID": "me/studio", "SPACES_ZERO_GPU": "true", "OAUTH_CLIENT_ID": "abc"}
+    settings = settings_for(["--workspace", str(tmp_path)], env)
+    assert settings.zero_gpu and settings.oauth and settings.multi_user
+    with_password = settings_for(["--workspace", str(tmp_path), "--auth", "team:pw"], env)
+    assert with_password.oauth and not with_password.multi_user, "behind --auth everyone shares one workspace"
+    assert not settings_for(["--workspace", str(tmp_path)], {"OAUTH_CLIENT_ID": "abc"}).oauth, "only in a Space"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"STUDIO_VRAM": "huge"}, "STUDIO_VRAM='huge'"),
+    ({"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT"),
+    ({"STUDIO_DEMO": "maybe"}, "not a yes/no value"),
+])
+def test_bad_variables_are_named(env, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        settings_for(["--workspace", str(tmp_path)], env)
+
+
+def test_a_public_space_without_login_is_warned_about(tmp_path):
+    open_space = settings_for(["--workspace", str(tmp_path)], {"SPACE_ID": "me/studio"})
+    assert any("STUDIO_AUTH" in w and "hf_oauth" in w for w in open_space.security_warnings())
+    signed_in = settings_for(["--workspace", str(tmp_path)], {"SPACE_ID": "me/studio", "OAUTH_CLIENT_ID": "x"})
+    assert signed_in.security_warnings() == []

@@ -527,6 +527,13 @@ class NLReport:
     errors: dict[Path, str] = field(default_factory=dict)  # image -> what went wrong
     stopped: bool = False  # the stop flag ended the run early; what was written is kept
 
+    def merge(self, other: NLReport) -> None:
+        """Add another batch's report (runs made of several batches: ZeroGPU calls)."""
+        self.written += other.written
+        self.skipped += other.skipped
+        self.errors.update(other.errors)
+        self.stopped = self.stopped or other.stopped
+
 
 def nl_caption_path(image: str | Path) -> Path:
     image = Path(image)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -97,9 +97,11 @@ def caption_dataset(
     report: Report | None = None,
     stop: threading.Event | None = None,
     dataset=None,
+    gpu_calls: GpuCalls | None = None,
 ) -> CaptionRunReport:
     """Caption `config.dataset`. Pass the app's shared Dataset object of that folder as `dataset` so
-    the job's writes share its lock and undo history with the editor."""
+    the job's writes share its lock and undo history with the editor. With `gpu_calls` (ZeroGPU),
+    the GPU work runs as one call per batch of images, and everything else here."""
     from studio.dataset.dataset import Dataset
 
     report = report or (lambda fraction, message: None)
@@ -122,10 +124,11 @@ def caption_dataset(
     try:
         # 2. Tags, written batch by batch (each batch one undoable edit).
         if config.tags:
-            groundings = tag_dataset(manager, dataset, config, run, _scaled(report, 0.0, weight), stop)
+            groundings = tag_dataset(manager, dataset, config, run, _scaled(report, 0.0, weight), stop, gpu_calls)
         # 3. Natural-language captions grounded on the tags.
         if config.nl.backend != "none" and not run.stopped:
-            describe_dataset(manager, dataset, config, run, groundings, _scaled(report, 1 - weight, weight), stop)
+            describe_dataset(manager, dataset, config, run, groundings, _scaled(report, 1 - weight, weight), stop,
+                             gpu_calls)
     finally:
         run.seconds = time.monotonic() - started
     report(1.0, run.summary())
@@ -144,8 +147,31 @@ def _thresholds(config: CaptionConfig):
                          general_mcut=config.mcut, character_mcut=config.mcut)
 
 
+@dataclass(frozen=True)
+class GpuCalls:
+    """GPU work as separate calls, each over one batch of images (ZeroGPU: studio.spaces_gpu).
+    `tag(tagger, image paths, thresholds, batch_size)` -> [(index in the batch, TagResult | TagError)];
+    `describe(backend, NLItems, template, existing)` -> the NL caption result of that batch."""
+
+    tag: Callable[..., list]
+    tag_batch: int
+    describe: Callable[..., Any]
+    describe_batch: int
+
+
+def _tag_in_calls(calls: GpuCalls, tagger: str, images: list, config: CaptionConfig,
+                  stop: threading.Event | None) -> Iterator[tuple[int, Any]]:
+    """tag_images' (index, result) stream, made of one GPU call per batch; Stop between batches."""
+    for start in range(0, len(images), calls.tag_batch):
+        if stop is not None and stop.is_set():
+            return
+        batch = [str(image) for image in images[start:start + calls.tag_batch]]
+        for index, result in calls.tag(tagger, batch, _thresholds(config), config.batch_size):
+            yield start + index, result
+
+
 def tag_dataset(manager, dataset, config: CaptionConfig, run: CaptionRunReport, report: Report,
-                stop: threading.Event | None) -> dict:
+                stop: threading.Event | None, gpu_calls: GpuCalls | None = None) -> dict:
     """Tag the images that need it; returns each tagged image's grounding for NL captions."""
     from studio.captioning.nl_caption import Grounding
     from studio.captioning.tag_rules import build_caption, caption_parts, merge_existing
@@ -159,12 +185,16 @@ def tag_dataset(manager, dataset, config: CaptionConfig, run: CaptionRunReport, 
         return groundings
     rate = Rate(len(todo))
     source = manager.resolve(config.tagger, family="tagger")
-    record = manager.get(source, progress=report)
+    record = manager.get(source, progress=report)  # on ZeroGPU too: downloads happen outside GPU calls
     pending: dict[str, list[str]] = {}
+    images = [item.image for item in todo]
     try:
         with manager.gpu_lane("captioning"), manager.use(record) as tagger:
-            results = tagger.tag_images([item.image for item in todo], batch_size=config.batch_size,
-                                        thresholds=_thresholds(config), stop=stop)
+            if gpu_calls is not None:
+                results = _tag_in_calls(gpu_calls, config.tagger, images, config, stop)
+            else:
+                results = tagger.tag_images(images, batch_size=config.batch_size, thresholds=_thresholds(config),
+                                            stop=stop)
             for index, result in results:
                 item = todo[index]
                 if isinstance(result, TagError):
@@ -204,8 +234,24 @@ def nl_backend(manager: ModelManager, settings: NLSettings, report: Report):
     return manager.get(source, progress=report).model, source
 
 
+def _describe_in_calls(calls: GpuCalls, backend: str, items: list, config: CaptionConfig, stop, progress):
+    """caption_images over one GPU call per batch of images; Stop between batches."""
+    from studio.captioning.nl_caption import NLReport
+
+    total = NLReport()
+    for start in range(0, len(items), calls.describe_batch):
+        if stop is not None and stop.is_set():
+            total.stopped = True
+            break
+        part = calls.describe(backend, items[start:start + calls.describe_batch], config.nl.template,
+                              config.nl.existing)
+        total.merge(part)
+        progress(min(start + calls.describe_batch, len(items)), len(items))
+    return total
+
+
 def describe_dataset(manager, dataset, config: CaptionConfig, run: CaptionRunReport, groundings: dict,
-                     report: Report, stop: threading.Event | None) -> None:
+                     report: Report, stop: threading.Event | None, gpu_calls: GpuCalls | None = None) -> None:
     from studio.captioning.nl_caption import Grounding, NLItem, caption_images
 
     rules = config.rules
@@ -218,10 +264,13 @@ def describe_dataset(manager, dataset, config: CaptionConfig, run: CaptionRunRep
     rate = Rate(len(items))
     backend, source = nl_backend(manager, config.nl, report)
     try:
+        progress = lambda done, total: report(done / max(total, 1), rate.line(done, "describing"))  # noqa: E731
         with manager.gpu_lane("captioning"):
-            result = caption_images(items, backend, config.nl.template, config.nl.existing, stop=stop,
-                                    progress=lambda done, total: report(done / max(total, 1),
-                                                                        rate.line(done, "describing")))
+            if gpu_calls is not None and source is not None:  # a VLM on the GPU, not a server
+                result = _describe_in_calls(gpu_calls, config.nl.backend, items, config, stop, progress)
+            else:
+                result = caption_images(items, backend, config.nl.template, config.nl.existing, stop=stop,
+                                        progress=progress)
     finally:
         if source is not None:
             manager.unload(source)

@@ -110,8 +110,7 @@ def _download_tagger(repo_id: str, models_dir: Path, progress: Progress) -> Path
     try:
         folder = Path(snapshot_download(
             repo_id,
-            cache_dir=models_dir / "hub",
-            allow_patterns=list(TAGGER_FILES),
+            allow_patterns=list(TAGGER_FILES),  # the standard Hugging Face cache (HF_HOME)
             tqdm_class=tqdm_reporting(progress, repo_id),
         ))
     except LocalEntryNotFoundError:

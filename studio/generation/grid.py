@@ -4,6 +4,7 @@ picking a training epoch and a LoRA weight."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -97,7 +98,10 @@ def run_grid(
     default_model: str,
     report: Report | None = None,
     stop: threading.Event | None = None,
+    generate_cell: Callable[..., GenerateResult] = generate,
 ) -> GridResult:
+    """Each cell is one `generate_cell` call (the app passes a GPU-call version on ZeroGPU, so no
+    call holds the GPU for the whole grid)."""
     from PIL import Image
 
     report = report or (lambda fraction, message: None)
@@ -115,8 +119,8 @@ def run_grid(
 
             if stop is not None and stop.is_set():
                 raise JobStopped("grid stopped")
-            result = generate(manager, config, outputs_dir=outputs_dir, default_model=default_model,
-                              report=cell_report, stop=stop)
+            result = generate_cell(manager, config, outputs_dir=outputs_dir, default_model=default_model,
+                                   report=cell_report, stop=stop)
             warnings += [w for w in result.warnings if w not in warnings]
             cells[-1].append(result)
     images = [[Image.open(cell.images[0].path) for cell in row] for row in cells]

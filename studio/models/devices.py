@@ -31,14 +31,15 @@ def probe_devices() -> DeviceInfo:
     return DeviceInfo("cpu", "CPU")
 
 
-def free_accelerator_memory() -> None:
-    """Return cached blocks to the driver after models were dropped."""
+def free_accelerator_memory(device: DeviceInfo | None = None) -> None:
+    """Return cached blocks to the driver after models were dropped. With `device`, only when it
+    is a CUDA device (ZeroGPU's app process reports CUDA available but must never touch it)."""
     import gc
 
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
+    if (device is None or device.execution_device.startswith("cuda")) and torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
 

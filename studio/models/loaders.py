@@ -77,8 +77,8 @@ def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop
     try:
         folder = snapshot_download(
             repo_id,
-            cache_dir=models_dir / "hub",
-            allow_patterns=HUB_ALLOW,
+            allow_patterns=HUB_ALLOW,  # into the standard Hugging Face cache (HF_HOME), where a
+            # Space's preload_from_hub put its files and persistent storage keeps them
             ignore_patterns=HUB_IGNORE,
             tqdm_class=tqdm_reporting(progress, repo_id),
         )

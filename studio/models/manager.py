@@ -244,8 +244,24 @@ class ModelManager:
                 del self._records[record.key]
                 record.attachments.clear()
                 record.model = None
-        free_accelerator_memory()
+        free_accelerator_memory(self.device)
         return [r.source.name for r in victims]
+
+    def after_fork(self) -> None:
+        """Make this copy of the manager usable in a forked process that has the GPU (ZeroGPU's
+        worker): fresh locks (a fork copies them in whatever state another thread held them), the
+        device probed again, and every loaded model planned for that device. The models stay in
+        RAM where the parent loaded them; each moves to the GPU the first time it is locked."""
+        self._books = threading.RLock()
+        self._lane = threading.Lock()
+        self._lane_owner, self._lane_exclusive = None, False
+        self._device = None
+        for record in self._records.values():
+            record.policy = choose_policy(self.requested_policy, self.device, record.size_bytes,
+                                          record.largest_component_bytes)
+            record.execution_device = "cpu" if record.policy is VramPolicy.CPU else self.device.execution_device
+            record.placed = record.resident = False
+            record.locks = 0
 
     def records(self) -> list[ModelRecord]:
         with self._books:

@@ -45,11 +45,12 @@ def choose_policy(requested: str | VramPolicy, device: DeviceInfo, model_bytes: 
 
 
 def pick_dtype(device: DeviceInfo):
-    """bf16 where supported (no fp16 VAE overflow), fp16 on older GPUs, fp32 on CPU."""
+    """bf16 where supported (no fp16 VAE overflow), fp16 on older GPUs, fp32 on CPU (unless the
+    device says bf16: ZeroGPU's main process keeps bf16 models in RAM for the GPU it gets per call)."""
     import torch
 
     if not device.accelerator:
-        return torch.float32
+        return torch.bfloat16 if device.bf16 else torch.float32
     return torch.bfloat16 if device.bf16 else torch.float16
 
 

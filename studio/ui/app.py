@@ -8,6 +8,7 @@ from studio.context import AppContext
 from studio.ui import caption_tab, generate_tab, status, train_tab
 
 CSS_FILE = "assets/studio.css"
+QUEUE_MAX_SIZE = 64  # requests waiting beyond this are refused at once ("queue is full")
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
@@ -24,7 +25,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         caption_tab.wire(ctx, caption)
         train_tab.wire(ctx, train, generate=tab, tabs=tabs)
         generate_tab.wire(ctx, tab)
-    app.queue(default_concurrency_limit=1)
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return app
 
 

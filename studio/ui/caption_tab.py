@@ -495,14 +495,15 @@ def start_caption(ctx: AppContext, folder: str, values: tuple) -> CaptionRun:
     latest = ctx.jobs.latest(JOB_NAME)
     if latest is not None and latest.running:
         raise gr.Error("captioning is already running: wait for it to finish, or press Stop")
-    caption = ctx.gpu_function(caption_dataset, duration=600)
+    gpu_calls = ctx.caption_gpu_calls()
     report: dict = {}
 
     dataset = ctx.dataset(path)
     dataset.scan()  # see files added since it was opened, so that their captions stream in too
 
     def work(job: Job):
-        report["run"] = caption(ctx.manager, config, report=job.report, stop=job.stop_event, dataset=dataset)
+        report["run"] = caption_dataset(ctx.manager, config, report=job.report, stop=job.stop_event, dataset=dataset,
+                                        gpu_calls=gpu_calls)
         return raise_if_stopped(report["run"])
 
     return CaptionRun(ctx.jobs.start(JOB_NAME, work), dataset, report)

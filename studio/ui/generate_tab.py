@@ -12,7 +12,7 @@ import gradio as gr
 
 from studio.context import AppContext
 from studio.errors import StudioError
-from studio.generation.generate import config_from_form, generate
+from studio.generation.generate import config_from_form
 from studio.generation.grid import run_grid
 from studio.generation.infotext import infotext_to_form, parse_infotext, read_infotext
 from studio.generation.prompt import build_prompt
@@ -181,7 +181,7 @@ def _start_generation(ctx: AppContext, values: tuple) -> Job:
         config = _config(ctx, values)
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
-    run = ctx.gpu_function(generate)
+    run = ctx.generate_function()
 
     def work(job: Job):
         return run(ctx.manager, config, outputs_dir=ctx.settings.outputs_dir,
@@ -303,10 +303,9 @@ def on_grid(ctx: AppContext, x_kind, x_values, y_kind, y_values, *values):
         raise gr.Error(str(exc)) from None
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
-    run = ctx.gpu_function(run_grid, duration=600)
-    job = ctx.jobs.start("grid", lambda job: run(
+    job = ctx.jobs.start("grid", lambda job: run_grid(
         ctx.manager, grid, outputs_dir=ctx.settings.outputs_dir, default_model=ctx.settings.default_model,
-        report=job.report, stop=job.stop_event))
+        report=job.report, stop=job.stop_event, generate_cell=ctx.generate_function()))
     while job.running:
         yield gr.skip(), job_status_line(job)
         time.sleep(POLL_SECONDS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.context import AppContext, on_zerogpu
+from studio.context import AppContext
 from studio.errors import ConfigError
 from studio.settings import Settings
 from studio.training.config import NetworkTarget, NetworkType, TrainConfig
@@ -149,7 +149,7 @@ def save_preset(values: dict, settings: Settings, name: str) -> Path:
 # -- the components ------------------------------------------------------------------------------
 def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) -> None:
     """The preset, the datasets (with their summary) and the settings most runs change."""
-    if on_zerogpu():
+    if ctx.settings.zero_gpu:
         gr.Markdown("⚠ On a ZeroGPU Space each GPU call is capped at a few minutes: train on a dedicated GPU Space "
                     "or your own machine.")
     f["preset"] = gr.Dropdown(preset_store(ctx.settings).names(), value=preset, label="Preset",

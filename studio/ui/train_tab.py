@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.context import AppContext, on_zerogpu
+from studio.context import AppContext
 from studio.errors import ConfigError, StudioError
 from studio.jobs import Job
 from studio.ui import train_form as form
@@ -138,7 +138,7 @@ def _start(ctx: AppContext, config, run_dir: Path, resume: bool) -> Job:
     """Start the job and wait until it holds the GPU lane (or failed to get it)."""
     from studio.training.job import start_training
 
-    if on_zerogpu():
+    if ctx.settings.zero_gpu:
         raise ConfigError("training cannot run on ZeroGPU (each GPU call is capped): use a dedicated GPU Space")
     job = start_training(ctx.jobs, ctx.manager, config, run_dir=run_dir, workspace=ctx.settings.workspace,
                          resume=resume)
