@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     for warning in settings.security_warnings():
         print(f"WARNING: {warning}", file=sys.stderr)
     settings.ensure_workspace()
+    if settings.space_id:  # the tagger on the Space's GPU (before anything imports onnxruntime)
+        from studio.onnx_gpu import ensure_gpu_onnxruntime, has_nvidia_gpu
+
+        if has_nvidia_gpu():
+            print(ensure_gpu_onnxruntime(), flush=True)
     if settings.zero_gpu:  # `spaces` patches CUDA: import it before anything touches torch
         import studio.spaces_gpu  # noqa: F401  (its GPU functions must exist at launch)
 

@@ -3,24 +3,37 @@ tab. Heavy shared objects live here, not in gr.State (which must be deep-copyabl
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.errors import StudioError
 from studio.jobs import JobRunner
 from studio.models.manager import ModelManager
 from studio.settings import Settings
 
 
+USERS_DIR = "users"  # a multi-user Space: workspace/users/<Hugging Face username>/
+VISITORS_DIR = "visitors"  # signed-out visitors' generations (they may do nothing else)
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
 @dataclass
 class AppContext:
+    """What every tab works with. On a multi-user Space there is one per signed-in user (their own
+    workspace folder, jobs and datasets; the model manager is the app's one) and one for all
+    signed-out visitors; `for_user` finds it."""
+
     settings: Settings
     manager: ModelManager
     jobs: JobRunner
+    user: str | None = None  # the signed-in Hugging Face user, on a multi-user Space
     _datasets: dict[Path, Any] = field(default_factory=dict)
     _datasets_lock: threading.Lock = field(default_factory=threading.Lock)
+    _users: dict[str | None, AppContext] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings) -> AppContext:
@@ -35,6 +48,28 @@ class AppContext:
 
             spaces_gpu.bind(manager)
         return cls(settings, manager, JobRunner())
+
+    # -- users of a multi-user Space ------------------------------------------------------------------
+    @property
+    def is_visitor(self) -> bool:
+        """Signed out on a multi-user Space: may generate with catalog models, nothing else."""
+        return self.settings.multi_user and self.user is None
+
+    def for_user(self, user: str | None) -> AppContext:
+        """The context of a signed-in user (None: a signed-out visitor). Off multi-user Spaces
+        everyone shares this one."""
+        if not self.settings.multi_user:
+            return self
+        if user is not None and not USERNAME.fullmatch(user):
+            raise StudioError(f"unusable user name {user!r}")
+        with self._datasets_lock:
+            if user not in self._users:
+                folder = self.settings.workspace / (USERS_DIR + "/" + user if user else VISITORS_DIR)
+                settings = self.settings.for_user(folder)
+                if user is not None:
+                    settings.ensure_workspace()
+                self._users[user] = AppContext(settings, self.manager, JobRunner(), user=user)
+            return self._users[user]
 
     def preload_default_model(self) -> None:
         """Load the default model into RAM now (ZeroGPU: its worker inherits it when forked)."""

@@ -55,6 +55,14 @@ def env_flag(value: str | bool | None) -> bool:
     raise ConfigError(f"{value!r} is not a yes/no value: use 1/0, true/false, yes/no or on/off")
 
 
+def filesystem_of(path: Path) -> int:
+    """The device id of the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.stat().st_dev
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -78,6 +86,8 @@ class Settings(BaseModel):
     space_id: str | None = None  # "owner/name"
     zero_gpu: bool = False  # SPACES_ZERO_GPU: GPU work runs in `spaces.GPU` calls
     oauth: bool = False  # the Space has `hf_oauth: true` (Sign in with Hugging Face)
+    # A user's own workspace keeps the app's models cache (downloads are shared, never per user)
+    models_root: Path | None = None
 
     @field_validator("workspace")
     @classmethod
@@ -110,7 +120,7 @@ class Settings(BaseModel):
             workspace=Path(value("workspace")), host=value("host"), port=port,
             share=env_flag(value("share")), auth=parse_auth(value("auth")), demo=env_flag(value("demo")),
             vram=vram, space_id=space_id, zero_gpu=env_flag(environ.get("SPACES_ZERO_GPU")),
-            oauth=bool(space_id and environ.get("OAUTH_CLIENT_ID")),
+            oauth=bool(space_id and environ.get("SYSTEM") == "spaces" and environ.get("OAUTH_CLIENT_ID")),
         )
 
     @property
@@ -141,12 +151,26 @@ class Settings(BaseModel):
 
     @property
     def models_dir(self) -> Path:
-        """The models cache: hub downloads and the demo models live here."""
-        return self.workspace / "models"
+        """The models cache: the demo models and models placed by hand live here (hub downloads
+        go to the standard Hugging Face cache, HF_HOME)."""
+        return self.models_root or self.workspace / "models"
+
+    def for_user(self, folder: Path) -> Settings:
+        """These settings with `folder` as the workspace (datasets, outputs, LoRAs, runs, presets)
+        and this app's models cache."""
+        return self.model_copy(update={"workspace": folder, "models_root": self.models_dir})
 
     def ensure_workspace(self) -> None:
         for name in WORKSPACE_DIRS:
-            (self.workspace / name).mkdir(parents=True, exist_ok=True)
+            if name != "models" or self.models_root is None:
+                (self.workspace / name).mkdir(parents=True, exist_ok=True)
+
+    def workspace_is_ephemeral(self, app_dir: Path) -> bool:
+        """In a Space, whether the workspace is on the Space's own disk (lost at every restart):
+        the same filesystem as the app's folder, i.e. no storage volume is mounted there."""
+        if not self.space_id:
+            return False
+        return filesystem_of(self.workspace) == filesystem_of(app_dir)
 
     def security_warnings(self) -> list[str]:
         """What an operator must hear before the app is reachable by others."""

@@ -1,5 +1,7 @@
 """App settings: command line, auth from the environment, security warnings, workspace layout."""
 
+from pathlib import Path
+
 import pytest
 
 import app
@@ -94,7 +96,7 @@ def test_a_space_listens_where_spaces_expects(tmp_path):
 
 
 def test_zerogpu_and_oauth_come_from_the_space(tmp_path):
-    env = {"SPACE_ID": "me/studio", "SPACES_ZERO_GPU": "true", "OAUTH_CLIENT_ID": "abc"}
+    env = {"SPACE_ID": "me/studio", "SYSTEM": "spaces", "SPACES_ZERO_GPU": "true", "OAUTH_CLIENT_ID": "abc"}
     settings = settings_for(["--workspace", str(tmp_path)], env)
     assert settings.zero_gpu and settings.oauth and settings.multi_user
     with_password = settings_for(["--workspace", str(tmp_path), "--auth", "team:pw"], env)
@@ -115,5 +117,18 @@ def test_bad_variables_are_named(env, message, tmp_path):
 def test_a_public_space_without_login_is_warned_about(tmp_path):
     open_space = settings_for(["--workspace", str(tmp_path)], {"SPACE_ID": "me/studio"})
     assert any("STUDIO_AUTH" in w and "hf_oauth" in w for w in open_space.security_warnings())
-    signed_in = settings_for(["--workspace", str(tmp_path)], {"SPACE_ID": "me/studio", "OAUTH_CLIENT_ID": "x"})
+    signed_in = settings_for(["--workspace", str(tmp_path)],
+                             {"SPACE_ID": "me/studio", "SYSTEM": "spaces", "OAUTH_CLIENT_ID": "x"})
     assert signed_in.security_warnings() == []
+
+
+def test_a_workspace_on_the_spaces_own_disk_is_ephemeral(tmp_path, monkeypatch):
+    import studio.settings as settings_module
+
+    app_dir, volume = tmp_path / "app", tmp_path / "data"
+    space = settings_for(["--workspace", str(volume / "ws")], {"SPACE_ID": "me/studio"})
+    assert space.workspace_is_ephemeral(app_dir), "same filesystem as the app: wiped at restart"
+    monkeypatch.setattr(settings_module, "filesystem_of", lambda path: 2 if volume in Path(path).parents else 1)
+    assert not space.workspace_is_ephemeral(app_dir), "a mounted storage volume keeps it"
+    monkeypatch.undo()
+    assert not settings_for(["--workspace", str(volume)], {}).workspace_is_ephemeral(app_dir), "only in a Space"

@@ -97,3 +97,27 @@ def test_captioning_runs_as_gpu_calls_per_batch(zerogpu):
     assert len(api.durations()) == before + 1, "3 images are one batch, one GPU call"
     for i in range(3):
         assert (dataset / f"{i}.txt").read_text().startswith("mychar, "), summary
+
+
+def test_a_dedicated_gpu_space_starts_the_same_way_and_trains(tmp_path):
+    import time
+
+    from tests.train_fixtures import make_dataset
+
+    server = AppServer(tmp_path, argv=[], env=space_env(tmp_path / "ws"))
+    try:
+        server.wait_until_serving(timeout=90)
+        make_dataset(tmp_path / "ws" / "datasets" / "space-train")
+        client = client_for(server)
+        run_dir, started = client.predict("space-train", preset="demo-sdxl", max_train_steps=2, api_name="/train")
+        assert Path(run_dir).parent == (tmp_path / "ws" / "runs").resolve(), started
+        deadline = time.monotonic() + 240
+        while True:
+            text, details = client.predict(api_name="/train_status")
+            if details["state"] not in ("running", "stopping") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert details["state"] == "done" and details["step"] == 2, text
+        assert Path(details["checkpoints"][-1]).is_file()
+    finally:
+        server.stop()

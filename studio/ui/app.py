@@ -2,38 +2,105 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 import gradio as gr
 
 from studio.context import AppContext
 from studio.ui import caption_tab, generate_tab, status, train_tab
 
 CSS_FILE = "assets/studio.css"
+APP_DIR = Path(__file__).resolve().parents[2]
 QUEUE_MAX_SIZE = 64  # requests waiting beyond this are refused at once ("queue is full")
+EPHEMERAL_BANNER = (
+    "⚠ **This Space keeps its work on its own disk, which is wiped at every restart**: datasets, runs and "
+    "LoRAs made here will be lost. Attach a storage volume in the Space's settings and point "
+    "`STUDIO_WORKSPACE` (and `HF_HOME`) at it; the README's Spaces section says how."
+)
+
+
+def header(ctx: AppContext) -> None:
+    settings = ctx.settings
+    with gr.Row(equal_height=True):
+        gr.Markdown("# Anime LoRA Studio" + (" · demo mode (tiny random-weight models)" if settings.demo else ""))
+        if settings.oauth:
+            gr.LoginButton(scale=0, elem_id="login-button")
+    if settings.multi_user:
+        gr.Markdown("Sign in with Hugging Face to caption and train in a workspace of your own; signed out, "
+                    "you can generate with the catalog models.", elem_id="sign-in-note")
+    if settings.workspace_is_ephemeral(APP_DIR):
+        gr.Markdown(EPHEMERAL_BANNER, elem_id="ephemeral-banner", elem_classes=["studio-banner"])
+
+
+def current_lists(ctx: AppContext) -> list:
+    """The dataset and LoRA lists as they are now, for whoever opened the page (on a multi-user
+    Space the page is built once for everyone, signed out)."""
+    from studio.ui.caption_form import dataset_choices
+
+    datasets = dataset_choices(ctx.settings)
+    loras = ["", *generate_tab.lora_choices(ctx)]
+    return [gr.Dropdown(choices=datasets), gr.Dropdown(choices=datasets),
+            *(gr.Dropdown(choices=loras) for _ in range(generate_tab.LORA_SLOTS))]
+
+
+def visitor_tabs(ctx: AppContext) -> list:
+    """A signed-out visitor of a multi-user Space sees the Generate tab only."""
+    if not ctx.is_visitor:
+        return [gr.skip(), gr.skip(), gr.skip()]
+    return [gr.Tab(visible="hidden"), gr.Tab(visible="hidden"), gr.Tabs(selected="generate")]
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
+    """On a multi-user Space the tabs get a RequestContext (each request works in its sender's
+    workspace) and everything but generating is refused to signed-out visitors."""
+    tabs_ctx = ctx
+    if ctx.settings.multi_user:
+        from studio.ui.users import RequestContext
+
+        tabs_ctx = RequestContext(ctx)
     with gr.Blocks(title="Anime LoRA Studio", analytics_enabled=False) as app:
-        gr.Markdown("# Anime LoRA Studio" + (" · demo mode (tiny random-weight models)" if ctx.settings.demo else ""))
-        status.build_and_wire(ctx)
+        header(ctx)
+        status.build_and_wire(tabs_ctx)
         with gr.Tabs() as tabs:
-            with gr.Tab("Caption", id="caption"):
-                caption = caption_tab.build(ctx)
-            with gr.Tab("Train", id="train"):
-                train = train_tab.build(ctx)
+            with gr.Tab("Caption", id="caption") as caption_page:
+                caption = caption_tab.build(tabs_ctx)
+            with gr.Tab("Train", id="train") as train_page:
+                train = train_tab.build(tabs_ctx)
             with gr.Tab("Generate", id="generate"):
-                tab = generate_tab.build(ctx)
-        caption_tab.wire(ctx, caption)
-        train_tab.wire(ctx, train, generate=tab, tabs=tabs)
-        generate_tab.wire(ctx, tab)
+                tab = generate_tab.build(tabs_ctx)
+        for_visitors = list(app.fns.values())  # the status panel
+        caption_tab.wire(tabs_ctx, caption)
+        train_tab.wire(tabs_ctx, train, generate=tab, tabs=tabs)
+        before = set(app.fns)
+        generate_tab.wire(tabs_ctx, tab)
+        for_visitors += [fn for key, fn in app.fns.items() if key not in before]
+        for_visitors += train_tab.read_only_events(app, train)
+        before = set(app.fns)
+        lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab)]
+        app.load(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False)
+        if ctx.settings.multi_user:  # signed out: the Generate tab only
+            app.load(partial(visitor_tabs, tabs_ctx), outputs=[caption_page, train_page, tabs],
+                     api_visibility="private", queue=False)
+        for_visitors += [fn for key, fn in app.fns.items() if key not in before]
+    if ctx.settings.multi_user:
+        from studio.ui.users import guard_visitors
+
+        guard_visitors(app, tabs_ctx, for_visitors)
     app.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return app
 
 
 def launch(app: gr.Blocks, ctx: AppContext, *, block: bool = True):
     settings = ctx.settings
-    from pathlib import Path
+    css = APP_DIR / CSS_FILE
+    app_kwargs = {}
+    if settings.multi_user:
+        from starlette.middleware import Middleware
 
-    css = Path(__file__).resolve().parents[2] / CSS_FILE
+        from studio.ui.users import WorkspaceFileGuard
+
+        app_kwargs["middleware"] = [Middleware(WorkspaceFileGuard, workspace=settings.workspace)]
     return app.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -44,4 +111,5 @@ def launch(app: gr.Blocks, ctx: AppContext, *, block: bool = True):
         css_paths=[css] if css.is_file() else None,
         footer_links=["api", "gradio"],
         show_error=True,
+        app_kwargs=app_kwargs,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import AppContext
-from studio.errors import StudioError
+from studio.errors import ConfigError, StudioError
 from studio.generation.generate import config_from_form
 from studio.generation.grid import run_grid
 from studio.generation.infotext import infotext_to_form, parse_infotext, read_infotext
@@ -54,6 +54,10 @@ class GenerateTab:
 def lora_choices(ctx: AppContext) -> list[str]:
     folder = ctx.settings.loras_dir
     return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def lora_dropdowns(tab: GenerateTab) -> list:
+    return [tab.fields[f"lora_{i}"] for i in range(1, LORA_SLOTS + 1)]
 
 
 def model_defaults(ctx: AppContext, model: str | None = None) -> dict:
@@ -170,8 +174,24 @@ def build(ctx: AppContext) -> GenerateTab:
 
 
 # -- handlers ------------------------------------------------------------------------------------
+VISITOR_LIMITS = ("Signed out, you can generate with the catalog models ({models}) without LoRAs or a separate "
+                  "VAE: sign in with Hugging Face for your own workspace.")
+
+
+def check_visitor_form(ctx: AppContext, values: dict) -> None:
+    """A signed-out visitor of a multi-user Space generates with catalog models only."""
+    if not ctx.is_visitor:
+        return
+    model = (values.get("model") or "").strip()
+    loras = [values.get(f"lora_{i}") for i in range(1, LORA_SLOTS + 1)]
+    if (model and model not in ctx.manager.catalog) or (values.get("vae") or "").strip() or any(loras):
+        raise ConfigError(VISITOR_LIMITS.format(models=", ".join(ctx.manager.catalog)))
+
+
 def _config(ctx: AppContext, values: tuple):
-    form = generate_form(as_dict(GENERATE_FIELDS, values), loras_dir=ctx.settings.loras_dir,
+    values = as_dict(GENERATE_FIELDS, values)
+    check_visitor_form(ctx, values)
+    form = generate_form(values, loras_dir=ctx.settings.loras_dir,
                          workspace=ctx.settings.workspace, catalog=ctx.manager.catalog)
     return config_from_form(form, ctx.manager, ctx.settings.default_model)
 
@@ -271,6 +291,10 @@ def png_to_form(text: str, field_names: list[str]):
 
 
 def on_lora_upload(ctx: AppContext, path: str | None):
+    if path and ctx.is_visitor:
+        from studio.ui.users import SIGN_IN
+
+        raise gr.Error(SIGN_IN)
     if path:
         from studio.generation.lora import import_lora_file
 

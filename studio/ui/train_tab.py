@@ -407,3 +407,10 @@ def _wire_api(ctx: AppContext, c: dict) -> None:
     stop.click(lambda: "Stopping after the current step..." if stop_training(ctx) else "No training run is going.",
                outputs=c["api_text"], api_name="train_stop", queue=False,
                api_description="Stop the training run after its current step; a checkpoint is saved.")
+
+
+def read_only_events(app: gr.Blocks, tab: TrainTab) -> list:
+    """The tab's events that only show the state of runs (the status timer, picking a run): a
+    signed-out visitor of a multi-user Space may trigger them, and sees no runs."""
+    shows = {(tab.components["timer"]._id, "tick"), (tab.components["run"]._id, "input")}
+    return [fn for fn in app.fns.values() if shows & {tuple(target) for target in fn.targets}]

@@ -1,0 +1,60 @@
+"""Users of a multi-user Space without a server: each user's context and folder, visitors, the
+session reading, and the file guard's decisions (tests/test_spaces_users.py runs the real app)."""
+
+import time
+
+import pytest
+
+from studio.context import AppContext
+from studio.errors import StudioError
+from studio.settings import Settings
+from studio.ui.users import WorkspaceFileGuard, hub_token, signed_in_user
+
+
+def multi_user(tmp_path) -> AppContext:
+    return AppContext.create(Settings(workspace=tmp_path, oauth=True, space_id="me/studio"))
+
+
+def scope_of(user, expires_in=3600.0, path="/"):
+    info = {"userinfo": {"preferred_username": user}, "access_token": f"tok-{user}", "expires_at": time.time() + expires_in}
+    return {"type": "http", "path": path, "session": {"oauth_info": info} if user else {}}
+
+
+def test_each_user_has_a_folder_of_their_own_and_shares_the_models(tmp_path):
+    root = multi_user(tmp_path)
+    alice, bob, visitor = root.for_user("alice"), root.for_user("bob"), root.for_user(None)
+    assert alice is root.for_user("alice") and alice.manager is bob.manager is root.manager
+    assert alice.settings.workspace == tmp_path.resolve() / "users" / "alice"
+    assert alice.settings.datasets_dir.is_dir() and not (alice.settings.workspace / "models").exists()
+    assert alice.settings.models_dir == bob.settings.models_dir == root.settings.models_dir
+    assert alice.jobs is not bob.jobs
+    assert visitor.is_visitor and not alice.is_visitor
+    for name in ("../alice", "a/b", "", ".hidden"):
+        with pytest.raises(StudioError, match="unusable user name"):
+            root.for_user(name)
+
+
+def test_off_multi_user_spaces_everyone_shares_the_context(tmp_path):
+    root = AppContext.create(Settings(workspace=tmp_path))
+    assert root.for_user("alice") is root and not root.is_visitor
+    behind_password = AppContext.create(Settings(workspace=tmp_path, oauth=True, auth=("team", "pw")))
+    assert behind_password.for_user("alice") is behind_password
+
+
+def test_the_session_names_the_user_until_it_expires():
+    assert signed_in_user(scope_of("alice")) == "alice" and hub_token(scope_of("alice")) == "tok-alice"
+    assert signed_in_user(scope_of("alice", expires_in=-1)) is None
+    assert signed_in_user(scope_of(None)) is None and signed_in_user(None) is None
+
+
+def test_the_file_guard_serves_workspace_files_to_their_owner_only(tmp_path):
+    (tmp_path / "users" / "alice").mkdir(parents=True)
+    guard = WorkspaceFileGuard(None, tmp_path)
+    mine = f"/gradio_api/file={tmp_path}/users/alice/outputs/1.png"
+    assert guard._allowed(scope_of("alice", path=mine))
+    assert not guard._allowed(scope_of("bob", path=mine)) and not guard._allowed(scope_of(None, path=mine))
+    sneaky = f"/gradio_api/file={tmp_path}/users/bob/../alice/outputs/1.png"
+    assert not guard._allowed(scope_of("bob", path=sneaky))
+    assert not guard._allowed(scope_of("alice", path=f"/gradio_api/file={tmp_path}/models/x.safetensors"))
+    assert guard._allowed(scope_of(None, path="/gradio_api/file=/tmp/gradio/abc/image.png")), "Gradio's own checks"
+    assert guard._allowed(scope_of(None, path="/config"))
