@@ -69,6 +69,24 @@ def test_generate_runs_in_a_gpu_call_and_larger_requests_ask_for_longer(zerogpu)
     assert list((server.workspace / "persistent-ws" / "outputs").rglob("*.png")), server.output()
 
 
+def test_stop_reaches_the_gpu_worker_within_seconds(zerogpu):
+    import time
+
+    from gradio_client.exceptions import AppError
+
+    server, api = zerogpu
+    client = client_for(server)
+    job = client.submit("1girl, solo", steps=100, width=512, height=512, batch_size=4, seed=3, api_name="/generate")
+    time.sleep(4)  # the call is under way in the worker
+    client.predict(api_name="/stop")
+    stopped = time.monotonic()
+    with pytest.raises(AppError, match="stopped"):
+        job.result(timeout=60)
+    assert time.monotonic() - stopped < 15
+    small = client.predict("1girl", steps=1, width=256, height=256, api_name="/generate")
+    assert len(small) == 1, "the worker takes the next call"
+
+
 def test_training_is_refused_with_the_zerogpu_message(zerogpu, tmp_path):
     from gradio_client.exceptions import AppError
 
