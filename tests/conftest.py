@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,15 @@ def demo_manager(demo_models_dir):
     from studio.models.manager import ModelManager
 
     return ModelManager(demo_models_dir, requested_policy="cpu", device=DeviceInfo("cpu", "CPU"))
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    """Debian's chromium through Playwright (its own browser download fails offline)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # launch() starts from a fresh temporary profile of its own each time
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=LAUNCH_ARGS)
+        yield browser
+        browser.close()

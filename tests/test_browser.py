@@ -5,23 +5,6 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-LAUNCH_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        # launch() starts from a fresh temporary profile of its own each time
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=LAUNCH_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def page(app_server, browser):
     """The Generate tab (the Caption tab comes first and opens by default)."""

@@ -128,22 +128,12 @@ def test_signed_out_visitors_generate_with_catalog_models_only(space):
         visitor.predict("1girl", lora_1="x.safetensors", steps=1, width=256, height=256, api_name="/generate")
     with pytest.raises(AppError, match="catalog models"):
         visitor.predict("1girl", model="someone/private-model", steps=1, width=256, height=256, api_name="/generate")
+    with pytest.raises(AppError, match="Sign in with Hugging Face"):
+        visitor.predict(api_name="/unload_models")
     assert not (space.workspace / "ws" / "visitors" / "datasets").exists()
 
 
 # -- the page, in a real browser -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    from playwright.sync_api import sync_playwright
-
-    from tests.test_browser import LAUNCH_ARGS
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=LAUNCH_ARGS)
-        yield browser
-        browser.close()
-
-
 def open_page(browser, server, user: str | None):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     if user:

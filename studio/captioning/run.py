@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,9 @@ def tag_dataset(manager, dataset, config: CaptionConfig, run: CaptionRunReport, 
     pending: dict[str, list[str]] = {}
     images = [item.image for item in todo]
     try:
-        with manager.gpu_lane("captioning"), manager.use(record) as tagger:
+        # with GPU calls the tagger runs in them, not here: this process only downloads it
+        in_process = manager.use(record) if gpu_calls is None else nullcontext()
+        with manager.gpu_lane("captioning"), in_process as tagger:
             if gpu_calls is not None:
                 results = _tag_in_calls(gpu_calls, config.tagger, images, config, stop)
             else:

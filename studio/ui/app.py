@@ -69,7 +69,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 train = train_tab.build(tabs_ctx)
             with gr.Tab("Generate", id="generate"):
                 tab = generate_tab.build(tabs_ctx)
-        for_visitors = list(app.fns.values())  # the status panel
+        # the status panel (not its Unload button)
+        for_visitors = [fn for fn in app.fns.values() if fn.api_name != "unload_models"]
         caption_tab.wire(tabs_ctx, caption)
         train_tab.wire(tabs_ctx, train, generate=tab, tabs=tabs)
         before = set(app.fns)
