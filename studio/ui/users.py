@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import gradio as gr
 
@@ -139,7 +138,7 @@ class WorkspaceFileGuard:
         route = next((r for r in FILE_ROUTES if r in path), None)
         if route is None:
             return True
-        wanted = unquote(path.split(route, 1)[1])
+        wanted = path.split(route, 1)[1]  # the ASGI path is decoded once already, as Gradio's route reads it
         target = Path(wanted).expanduser()
         if not target.is_absolute():
             target = Path.cwd() / target
