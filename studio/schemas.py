@@ -30,7 +30,7 @@ MAX_SEED = 2**32 - 1
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PromptStyle(_Config):
@@ -115,6 +115,34 @@ class GridAxis(_Config):
         return self
 
 
+def field_range(model_cls: type[BaseModel], name: str) -> str:
+    """'1 to 200' from a field's ge/le (gt/lt) constraints."""
+    bounds = {}
+    for item in model_cls.model_fields[name].metadata:
+        for attr in ("ge", "gt", "le", "lt"):
+            if getattr(item, attr, None) is not None:
+                bounds[attr] = getattr(item, attr)
+    low = bounds.get("ge", bounds.get("gt"))
+    high = bounds.get("le", bounds.get("lt"))
+    return f"{low} to {high}" if low is not None and high is not None else "see the form"
+
+
+# The GenerateConfig field each grid axis sets (the LoRA axes act on the LoRA list)
+AXIS_FIELDS = {"seed": "seed", "cfg": "cfg_scale", "steps": "steps"}
+# A grid's whole cost: sampling steps summed over its cells, each weighted by its megapixels
+# (the hires pass included): 16 x 8 cells of 28 steps at one megapixel fit; a grid past it is refused.
+MAX_GRID_STEP_MEGAPIXELS = 4000.0
+
+
+def step_megapixels(config: GenerateConfig) -> float:
+    """Sampling steps x megapixels of one image of `config` (the hires pass included)."""
+    pixels = config.width * config.height / 1024**2
+    cost = config.steps * pixels
+    if config.hires is not None:
+        cost += config.hires.steps * pixels * config.hires.scale**2
+    return cost
+
+
 class GridConfig(_Config):
     base: GenerateConfig
     x: GridAxis
@@ -124,6 +152,33 @@ class GridConfig(_Config):
     def _distinct_axes(self) -> GridConfig:
         if self.y is not None and self.y.kind == self.x.kind:
             raise ValueError(f"both axes vary {self.x.kind}: pick two different things to compare")
+        return self
+
+    @model_validator(mode="after")
+    def _cells_within_limits(self) -> GridConfig:
+        """Each axis value passes the same limits as the form (steps 1-200, CFG 0-30, ...), and the
+        whole grid's cost has a ceiling."""
+        for name, axis in (("x", self.x), ("y", self.y)):
+            if axis is None or axis.kind not in AXIS_FIELDS:
+                continue
+            field = AXIS_FIELDS[axis.kind]
+            for value in axis.values:
+                try:
+                    GenerateConfig.model_validate({**self.base.model_dump(), field: value})
+                except ValidationError as exc:
+                    message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{name} axis ({axis.kind}) value {value!r}: {message} "
+                                     f"(allowed: {field_range(GenerateConfig, field)})") from None
+        cells = len(self.x.values) * (len(self.y.values) if self.y else 1)
+        steps = [self.base.steps]
+        for axis in (self.x, self.y):
+            if axis is not None and axis.kind == "steps":
+                steps = axis.values
+        cost = cells * max(step_megapixels(self.base.model_copy(update={"steps": s})) for s in steps)
+        if cost > MAX_GRID_STEP_MEGAPIXELS:
+            raise ValueError(f"this grid is too large: {cells} cells of up to {max(steps)} steps at "
+                             f"{self.base.width}x{self.base.height} cost {cost:.0f} step-megapixels; the limit is "
+                             f"{MAX_GRID_STEP_MEGAPIXELS:.0f}. Use fewer values, fewer steps or a smaller size.")
         return self
 
 

@@ -141,3 +141,25 @@ def test_train_endpoint_trains_in_the_background_refuses_generation_and_stops_wi
     assert details["checkpoints"][-1].endswith(f"e2e-train-step{details['step']:08d}.safetensors")
     assert Path(details["checkpoints"][-1]).is_file()
     assert client.predict("1girl", api_name="/generate", steps=1, width=256, height=256), "the GPU is free again"
+
+
+@pytest.mark.parametrize(("x_axis", "value", "message"), [
+    ("Steps", "1000000000", r"x axis \(steps\) value 1000000000: .*allowed: 1 to 200"),
+    ("Steps", "0", r"x axis \(steps\) value 0: .*allowed: 1 to 200"),
+    ("CFG scale", "nan", r"x axis \(cfg\) value nan: Input should be a finite number"),
+])
+def test_grid_axis_values_meet_the_forms_limits(client, app_server, x_axis, value, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        client.predict(x_axis, value, "", "", "1girl", api_name="/grid", steps=1, width=256, height=256)
+    assert client.predict("1girl", api_name="/generate", steps=1, width=256, height=256), "the server still answers"
+
+
+def test_a_grid_past_the_cost_ceiling_is_refused(client):
+    from gradio_client.exceptions import AppError
+
+    seeds = ", ".join(str(i) for i in range(16))
+    with pytest.raises(AppError, match="this grid is too large: 256 cells"):
+        client.predict("Seed", seeds, "Steps", ", ".join(["200"] * 16), "1girl", api_name="/grid",
+                       width=1024, height=1024)

@@ -13,7 +13,7 @@ from studio.errors import JobStopped
 from studio.generation.generate import GenerateResult, Report, generate, resolve_seed
 from studio.generation.infotext import format_infotext, read_infotext, write_png
 from studio.models.manager import ModelManager
-from studio.schemas import GenerateConfig, GridAxis, GridConfig, LoraSpec
+from studio.schemas import AXIS_FIELDS, GenerateConfig, GridAxis, GridConfig, LoraSpec
 
 AXIS_LABELS = {"lora": "LoRA", "lora_weight": "weight", "seed": "seed", "cfg": "CFG", "steps": "steps"}
 
@@ -28,12 +28,8 @@ class GridResult:
 def apply_axis(config: GenerateConfig, kind: str, value) -> GenerateConfig:
     """The config of one cell: `config` with one setting replaced. The LoRA axes act on the first
     LoRA of the stack (adding one when the stack is empty)."""
-    if kind == "seed":
-        return config.model_copy(update={"seed": int(value)})
-    if kind == "cfg":
-        return config.model_copy(update={"cfg_scale": float(value)})
-    if kind == "steps":
-        return config.model_copy(update={"steps": int(value)})
+    if kind in AXIS_FIELDS:  # validated, as a form's value is (model_copy would not check it)
+        return GenerateConfig.model_validate({**config.model_dump(), AXIS_FIELDS[kind]: value})
     loras = list(config.loras)
     first = loras[0] if loras else None
     if kind == "lora":
