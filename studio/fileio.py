@@ -38,6 +38,32 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a file we append JSON lines to (events.jsonl). A line that does not parse,
+    such as the torn last line that a full disk or a kill leaves, is skipped and reported on
+    stderr; the rest is read."""
+    import json
+    import sys
+
+    records, torn = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn.append(number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(number)
+    if torn:
+        print(f"warning: {path}: skipped {len(torn)} unreadable line(s) ({', '.join(map(str, torn[:5]))}), "
+              "e.g. a write cut short by a full disk or a kill; the rest is intact", file=sys.stderr)
+    return records
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether `path` (resolved, symlinks followed) lies in `root`."""
     try:

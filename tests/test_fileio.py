@@ -20,3 +20,12 @@ def test_a_crash_mid_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+def test_a_torn_last_line_is_skipped_and_reported(tmp_path, capsys):
+    from studio.fileio import read_jsonl
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n{"kind": "st')
+    assert [e["step"] for e in read_jsonl(path)] == [1, 2]
+    assert "skipped 1 unreadable line(s) (3)" in capsys.readouterr().err

@@ -79,6 +79,22 @@ def test_stop_and_resume_continue_exactly(dataset, tmp_path, demo_models_dir):
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
+def test_resume_after_a_torn_event_line_continues_the_same_curve(dataset, tmp_path, demo_models_dir, capsys):
+    import json
+
+    config = fast_config(dataset, max_train_steps=6, save_every_n_steps=3)
+    whole = run(config, tmp_path, demo_models_dir, "whole")
+    stopped = run(config, tmp_path, demo_models_dir, "split", stop_after=3)
+    with open(stopped.run_dir / "events.jsonl", "a") as fh:
+        fh.write('{"kind": "step", "step": 4, "lo')  # what a full disk leaves
+    assert step_losses(stopped.run_dir) == {s: v for s, v in step_losses(whole.run_dir).items() if s <= 3}
+    assert "unreadable line" in capsys.readouterr().err
+    resumed = run(config, tmp_path, demo_models_dir, "split", resume=True)
+    assert resumed.status == "done" and step_losses(resumed.run_dir) == step_losses(whole.run_dir)
+    for line in (resumed.run_dir / "events.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
 def test_resume_with_a_changed_config_is_refused(dataset, tmp_path, demo_models_dir):
     config = fast_config(dataset, max_train_steps=4)
     run(config, tmp_path, demo_models_dir, stop_after=2)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.errors import ConfigError
+from studio.fileio import atomic_write_text, read_jsonl
 from studio.training.config import TrainConfig
 from studio.training.data import TrainSample, crop_for
 
@@ -83,8 +84,8 @@ class EventLog:
         """On resume: forget events past the resumed step, so the curve continues without a fork."""
         if not self.main or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [event for event in read_jsonl(self.path) if event.get("step", 0) <= step]  # torn lines go too
+        atomic_write_text(self.path, "".join(json.dumps(event, default=str) + "\n" for event in kept))
 
     def emit(self, kind: str, step: int, epoch: int, **data) -> None:
         event = TrainEvent(kind, step, epoch, data)
@@ -113,7 +114,7 @@ def _tensorboard_writer(folder: Path):
 
 def read_events(run_dir: Path) -> list[dict]:
     path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 # -- one micro-batch ------------------------------------------------------------------------------
