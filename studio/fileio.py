@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_new_numbered(folder: Path, name_for: Callable[[int], str], write: Callable[[Path], None],
+                       start: int = 0) -> Path:
+    """Write a new file `folder/name_for(n)` for the first n >= `start` whose name is free, and
+    never replace an existing file: the content is written to a temporary file first, the name is
+    claimed by exclusive creation (so two writers never get the same one), then the content is
+    renamed onto it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".new.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        number = start
+        while True:
+            target = folder / name_for(number)
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                number += 1
+                continue
+            os.replace(tmp, target)
+            return target
     finally:
         tmp.unlink(missing_ok=True)
 

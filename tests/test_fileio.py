@@ -29,3 +29,29 @@ def test_a_torn_last_line_is_skipped_and_reported(tmp_path, capsys):
     path.write_text('{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n{"kind": "st')
     assert [e["step"] for e in read_jsonl(path)] == [1, 2]
     assert "skipped 1 unreadable line(s) (3)" in capsys.readouterr().err
+
+
+def test_numbered_names_are_claimed_never_counted(tmp_path):
+    import threading
+
+    from studio.fileio import write_new_numbered
+
+    def name(n):
+        return f"grid-{n:04d}.png"
+
+    first = write_new_numbered(tmp_path, name, lambda p: p.write_text("a"))
+    second = write_new_numbered(tmp_path, name, lambda p: p.write_text("b"))
+    first.unlink()  # a deleted grid: the next one must not land on the second
+    third = write_new_numbered(tmp_path, name, lambda p: p.write_text("c"), start=1)
+    assert second.read_text() == "b" and third.name == "grid-0002.png" and third.read_text() == "c"
+
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        write_new_numbered(tmp_path / "many", name, lambda p, i=i: p.write_text(str(i))))) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({p.name for p in results}) == 8
+    assert sorted(p.read_text() for p in results) == [str(i) for i in range(8)]
+    assert not list(tmp_path.glob("many/.new.*")), "no temporary file is left behind"

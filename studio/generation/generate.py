@@ -17,7 +17,7 @@ from pathlib import Path
 
 from studio import __version__
 from studio.errors import JobStopped, LoraError
-from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_png
+from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_new_png
 from studio.generation.prompt import build_anima_prompt, build_prompt
 from studio.generation.samplers import SAMPLERS
 from studio.models.manager import ModelManager, ModelRecord
@@ -166,7 +166,8 @@ def generate(
             # 6. Save every image with A1111 infotext, as soon as its batch is done.
             for picture, seed in zip(pictures, batch_seeds):
                 text = format_infotext(prompt, negative, infotext_params(config, record, seed, lora_hashes))
-                path = write_png(picture, folder / f"{next_image_number(folder):05d}-{seed}.png", text)
+                path = write_new_png(picture, folder, lambda n, seed=seed: f"{n:05d}-{seed}.png", text,
+                                     start=next_image_number(folder))
                 images.append(GeneratedImage(path, seed, text))
     report(1.0, f"done: {len(images)} image(s)")
     return GenerateResult(images, record.source.name, prompt, negative, warnings)

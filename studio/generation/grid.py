@@ -11,7 +11,7 @@ from pathlib import Path
 
 from studio.errors import JobStopped
 from studio.generation.generate import GenerateResult, Report, generate, resolve_seed
-from studio.generation.infotext import format_infotext, read_infotext, write_png
+from studio.generation.infotext import format_infotext, read_infotext, write_new_png
 from studio.models.manager import ModelManager
 from studio.schemas import AXIS_FIELDS, GenerateConfig, GridAxis, GridConfig, LoraSpec
 
@@ -127,7 +127,7 @@ def run_grid(
     text = read_infotext(first.images[0].path) or format_infotext(first.prompt, first.negative_prompt, {})
     folder = outputs_dir / datetime.now().strftime("%Y-%m-%d") / "grids"
     folder.mkdir(parents=True, exist_ok=True)
-    number = len(list(folder.glob("grid-*.png")))
-    path = write_png(picture, folder / f"grid-{number:04d}.png", text)
+    numbers = [int(p.stem[5:]) for p in folder.glob("grid-[0-9][0-9][0-9][0-9].png")]
+    path = write_new_png(picture, folder, lambda n: f"grid-{n:04d}.png", text, start=max(numbers, default=-1) + 1)
     report(1.0, f"grid done: {total} cells")
     return GridResult(path, cells, warnings)

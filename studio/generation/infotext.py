@@ -233,18 +233,30 @@ def write_png(image: Image.Image, path: Path, infotext: str) -> Path:
     ASCII text goes in a tEXt chunk; anything else in a UTF-8 iTXt chunk, so that Japanese or
     emoji come back exactly (tEXt is Latin-1 only, and readers disagree on how to decode it).
     """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_png(image, tmp, infotext)
+    return path
+
+
+def save_png(image: Image.Image, path: Path, infotext: str) -> None:
+    """`image` as a PNG with `infotext` in its `parameters` chunk (write_png's content, not atomic)."""
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     info = PngInfo()
     if infotext.isascii():
         info.add_text(PNG_TEXT_KEY, infotext)
     else:
         info.add_itxt(PNG_TEXT_KEY, infotext)
+    image.save(path, format="PNG", pnginfo=info)
 
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+
+def write_new_png(image: Image.Image, folder: Path, name_for, infotext: str, start: int = 0) -> Path:
+    """A PNG under a new numbered name in `folder` (see fileio.write_new_numbered): never
+    replaces an image, however many writers number at once."""
+    from studio.fileio import write_new_numbered
+
+    return write_new_numbered(folder, name_for, lambda tmp: save_png(image, tmp, infotext), start)
 
 
 def encode_user_comment(text: str) -> bytes:
