@@ -260,3 +260,23 @@ def test_header_scan_of_10000_small_pngs_takes_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(report.items) == 10_000
     assert elapsed < 10, f"scan took {elapsed:.1f} s"
+
+
+def test_a_huge_caption_is_reported_and_its_image_skipped(tmp_path):
+    from PIL import Image
+
+    from studio.dataset.captions import MAX_CAPTION_BYTES, read_caption
+    from studio.dataset.scan import scan_dataset
+    from studio.errors import DatasetError
+
+    for name in ("ok", "huge"):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text("1girl, solo")
+    with open(tmp_path / "huge.txt", "w") as fh:
+        fh.write("tag, " * (MAX_CAPTION_BYTES // 2))
+    result = scan_dataset(tmp_path)
+    assert [item.rel for item in result.items] == ["ok.png"]
+    [problem] = [p for p in result.problems if p.kind == "caption_too_large"]
+    assert problem.severity == "skip" and problem.path.name == "huge.png" and "160 KB" in problem.reason
+    with pytest.raises(DatasetError, match="over the 64 KB limit"):
+        read_caption(tmp_path / "huge.txt")

@@ -54,12 +54,25 @@ def encoding_note(encoding: str) -> str | None:
     return f"caption is not UTF-8: read as {encoding}; check its accents, it is saved as UTF-8 on the next edit"
 
 
+# A caption larger than this is not a caption (booru tags run to 2 KB, long NL captions to 8 KB):
+# the scan reports it and skips its image, and nothing ever tokenizes it.
+MAX_CAPTION_BYTES = 64 * 1024
+
+
+def caption_too_large(size: int) -> str:
+    return (f"caption is {size / 1024:.0f} KB, over the {MAX_CAPTION_BYTES // 1024} KB limit for a caption: "
+            "its image is skipped; shorten or delete the file")
+
+
 def read_caption(path: Path) -> str | None:
-    """The caption's text, or None when the file does not exist."""
+    """The caption's text, or None when the file does not exist. Never reads more than the limit."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CAPTION_BYTES + 1)
     except FileNotFoundError:
         return None
+    if len(data) > MAX_CAPTION_BYTES:
+        raise DatasetError(f"{path}: {caption_too_large(path.stat().st_size)}")
     return decode_caption(data)[0]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from studio.dataset.captions import decode_caption, encoding_note, split_tags
+from studio.dataset.captions import MAX_CAPTION_BYTES, caption_too_large, decode_caption, encoding_note, split_tags
 from studio.dataset.config import ScanOptions
 from studio.dataset.images import (
     DECODE_ERRORS,
@@ -212,6 +212,10 @@ def _scan_image(root: Path, folder: _Folder, image: Path, options: ScanOptions,
     stem = image.name.rsplit(".", 1)[0]
     tags_path = folder.path / (stem + TAGS_SUFFIX)
     nl_path = folder.path / (stem + NL_SUFFIX)
+    for path in (tags_path, nl_path):
+        if path.name in folder.texts and (size := _file_size(path)) > MAX_CAPTION_BYTES:
+            problems.append(Problem(image, f"{path.name}: {caption_too_large(size)}", "skip", "caption_too_large"))
+            return None
     has_tags = tags_path.name in folder.texts and _check_caption(tags_path, problems, tags=True)
     has_nl = nl_path.name in folder.texts and _check_caption(nl_path, problems, tags=False)
     return DatasetItem(
@@ -219,6 +223,13 @@ def _scan_image(root: Path, folder: _Folder, image: Path, options: ScanOptions,
         repeats=folder.repeats, subset=folder.subset, tags_path=tags_path, nl_path=nl_path,
         has_tags=has_tags, has_nl=has_nl, format=header.format, mode=header.mode,
     )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _check_caption(path: Path, problems: list[Problem], tags: bool) -> bool:
