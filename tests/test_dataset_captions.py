@@ -182,6 +182,19 @@ def test_edit_results(dataset):
         dataset.read_tags("zzz.png")
 
 
+def test_a_backtracking_regex_is_stopped_and_changes_nothing(dataset, monkeypatch):
+    import studio.dataset.dataset as module
+
+    monkeypatch.setattr(module, "REGEX_SECONDS", 0.5)
+    (dataset.root / "a.txt").write_text("a" * 60 + "b")
+    dataset.scan()
+    before = {p.name: p.read_bytes() for p in dataset.root.glob("*.txt")}
+    with pytest.raises(DatasetError, match=r"took more than 0 s .*nothing was changed"):
+        dataset.regex_replace(dataset.items, r"(a|aa)+$", "x")
+    assert {p.name: p.read_bytes() for p in dataset.root.glob("*.txt")} == before
+    assert dataset.regex_replace(dataset.items, r"(a+)b$", "x").changed == ("a.png",), "the next edit works"
+
+
 def test_tag_operations():
     assert add_tags(["a", "b"], ["c", "a", "c"], "front") == ["c", "a", "b"]
     assert add_tags(["a"], ["b"], "back") == ["a", "b"]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
+
+import regex
 
 from studio.dataset import tags as tag_ops
 from studio.dataset.buckets import BucketPreview, preview_buckets
@@ -35,6 +38,25 @@ class EditResult:
     description: str
     changed: tuple[str, ...]  # rel paths of the images whose captions changed
     undo_id: int | None  # None when nothing changed (no snapshot taken)
+
+
+REGEX_SECONDS = 5.0  # the whole of one regex bulk edit
+
+
+class TimedPattern:
+    """A regular expression (the `regex` package, re's syntax) whose substitutions together
+    may take `seconds`; past that TimeoutError, so a backtracking pattern cannot hang the app."""
+
+    def __init__(self, pattern: str, seconds: float):
+        self.pattern = pattern
+        self.compiled = regex.compile(pattern, flags=regex.VERSION0)
+        self.deadline = time.monotonic() + seconds
+
+    def sub(self, replacement: str, text: str) -> str:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return self.compiled.sub(replacement, text, timeout=left)
 
 
 class Dataset:
@@ -163,16 +185,21 @@ class Dataset:
         """`re.sub(pattern, replacement)` on each tag (target "tags") or on the whole natural-language
         caption (target "nl"). Only existing caption files are edited."""
         try:
-            compiled = re.compile(pattern)
+            compiled = TimedPattern(pattern, REGEX_SECONDS)
             if target == "tags":
                 return self._edit_tags(
                     "regex_replace", f"regex {pattern!r} -> {replacement!r} on tags", items,
                     lambda tags: tag_ops.regex_replace_tags(tags, compiled, replacement))
             return self._regex_replace_nl(items, compiled, replacement)
-        except re.error as exc:  # raised while planning, before anything is written
+        except (re.error, regex.error, IndexError) as exc:  # raised while planning, before anything is written
             raise DatasetError(f"invalid regular expression {pattern!r} / {replacement!r}: {exc}") from None
+        except TimeoutError:
+            raise DatasetError(
+                f"the regular expression {pattern!r} took more than {REGEX_SECONDS:.0f} s over this dataset and was "
+                "stopped; nothing was changed. Patterns like (a+)+$ backtrack without end: simplify it."
+            ) from None
 
-    def _regex_replace_nl(self, items: Iterable[ItemRef], pattern: re.Pattern[str],
+    def _regex_replace_nl(self, items: Iterable[ItemRef], pattern: TimedPattern,
                           replacement: str) -> EditResult:
         with self._lock:
             changes = []
