@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     for warning in settings.security_warnings():
         print(f"WARNING: {warning}", file=sys.stderr)
     settings.ensure_workspace()
+    from studio.fileio import remove_stale_temporaries
+
+    if removed := remove_stale_temporaries(settings.workspace):
+        print(f"Removed {len(removed)} leftover(s) of interrupted saves from {settings.workspace}", flush=True)
     if settings.space_id:  # the tagger on the Space's GPU (before anything imports onnxruntime)
         from studio.onnx_gpu import ensure_gpu_onnxruntime, has_nvidia_gpu
 

@@ -67,6 +67,32 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
+STALE_TEMPORARY_SECONDS = 15 * 60  # older than any save in progress (another process may be saving)
+
+
+def remove_stale_temporaries(root: Path, older_than: float = STALE_TEMPORARY_SECONDS) -> list[Path]:
+    """Remove what interrupted atomic writes left under `root`: the hidden `.<name>.*.tmp` files
+    and folders of atomic_path, write_new_numbered, atomic_folder and checkpoints, once they are
+    older than `older_than` seconds. Returns what was removed."""
+    import shutil
+    import time
+
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    removed = []
+    for path in list(root.rglob(".*.tmp")):
+        try:
+            if path.is_symlink() or path.lstat().st_mtime > cutoff:
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: leave it
+    return removed
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a file we append JSON lines to (events.jsonl). A line that does not parse,
     such as the torn last line that a full disk or a kill leaves, is skipped and reported on

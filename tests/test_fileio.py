@@ -55,3 +55,25 @@ def test_numbered_names_are_claimed_never_counted(tmp_path):
     assert len({p.name for p in results}) == 8
     assert sorted(p.read_text() for p in results) == [str(i) for i in range(8)]
     assert not list(tmp_path.glob("many/.new.*")), "no temporary file is left behind"
+
+
+def test_leftovers_of_interrupted_saves_are_removed_once_stale(tmp_path):
+    import os
+    import time
+
+    from studio.fileio import remove_stale_temporaries
+
+    (tmp_path / "runs" / "r" / "state").mkdir(parents=True)
+    old_file = tmp_path / "runs" / "r" / ".lora.safetensors.abc.tmp"
+    old_dir = tmp_path / "runs" / "r" / ".state.123.tmp"
+    fresh = tmp_path / ".new.xyz.tmp"
+    keep = tmp_path / "runs" / "r" / "lora.safetensors"
+    for path in (old_file, fresh, keep):
+        path.write_bytes(b"x")
+    old_dir.mkdir()
+    (old_dir / "optimizer.safetensors").write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    for path in (old_file, old_dir):
+        os.utime(path, (hour_ago, hour_ago))
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([old_file, old_dir])
+    assert fresh.exists() and keep.exists(), "a save in progress (fresh) and real files stay"
