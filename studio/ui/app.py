@@ -102,11 +102,16 @@ def launch(app: gr.Blocks, ctx: AppContext, *, block: bool = True):
         from studio.ui.users import WorkspaceFileGuard
 
         app_kwargs["middleware"] = [Middleware(WorkspaceFileGuard, workspace=settings.workspace)]
+    auth = None
+    if settings.auth:
+        from studio.ui.login import ThrottledLogin
+
+        auth = ThrottledLogin(*settings.auth).check
     return app.launch(
         server_name=settings.host,
         server_port=settings.port,
         share=settings.share,
-        auth=settings.auth,
+        auth=auth,
         allowed_paths=[str(settings.workspace)],
         prevent_thread_lock=not block,
         css_paths=[css] if css.is_file() else None,
