@@ -27,6 +27,8 @@ AESTHETIC_TAGS = ("very aesthetic", "aesthetic", "displeasing", "very displeasin
 YEAR_TAGS = ("newest", "recent", "mid", "early", "oldest")
 RATING_TAGS = ("safe", "sensitive", "nsfw", "explicit")
 MAX_SEED = 2**32 - 1
+# Prompts past this are refused before any tokenizer sees them (a 1 MB prompt cost minutes of CPU)
+MAX_PROMPT_CHARS = 6000
 
 
 class _Config(BaseModel):
@@ -78,6 +80,14 @@ class GenerateConfig(_Config):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the prompt is empty: describe the image, e.g. '1girl, solo'")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_not_huge(cls, value: str) -> str:
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"is {len(value)} characters long; the limit is {MAX_PROMPT_CHARS} (about "
+                             f"{MAX_PROMPT_CHARS // 4} tokens, {MAX_PROMPT_CHARS // 300} CLIP chunks)")
         return value
 
     @field_validator("width", "height")

@@ -163,3 +163,10 @@ def test_a_grid_past_the_cost_ceiling_is_refused(client):
     with pytest.raises(AppError, match="this grid is too large: 256 cells"):
         client.predict("Seed", seeds, "Steps", ", ".join(["200"] * 16), "1girl", api_name="/grid",
                        width=1024, height=1024)
+
+
+def test_a_huge_prompt_is_refused_at_once(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="prompt: is 1000000 characters long; the limit is 6000"):
+        client.predict("a" * 1_000_000, api_name="/generate", steps=1, width=256, height=256)
