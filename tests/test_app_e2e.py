@@ -53,7 +53,9 @@ def test_same_seed_reproduces_and_batch_gets_consecutive_seeds(client):
         ({"width": 500}, "multiple of 8"),
         ({"steps": 0}, "less than minimum value 1"),  # gradio's own range check on the slider
         ({"lora_1": "missing.safetensors"}, "LoRA"),
-        ({"model": "/etc/model.safetensors"}, "outside the workspace"),
+        ({"model": "/etc/model.safetensors"}, "is not usable: name one of"),
+        ({"model": "studio/../../../etc"}, "is not usable: name one of"),
+        ({"vae": "/etc"}, "VAE .* is not usable"),
         ({"model": "nobody/no-such-model"}, "offline"),
     ],
 )
@@ -170,3 +172,21 @@ def test_a_huge_prompt_is_refused_at_once(client):
 
     with pytest.raises(AppError, match="prompt: is 1000000 characters long; the limit is 6000"):
         client.predict("a" * 1_000_000, api_name="/generate", steps=1, width=256, height=256)
+
+
+@pytest.mark.parametrize(("endpoint", "kwargs", "message"), [
+    ("/caption", {"tagger": "/etc"}, "tagger '/etc' is not usable"),
+    ("/caption", {"tagger": "../../../../etc"}, "tagger .* is not usable"),
+    ("/caption", {"nl_backend": "/etc"}, "NL captioner '/etc' is not usable"),
+    ("/train", {"settings": {"pretrained_model": "/etc"}}, "base model '/etc' is not usable"),
+    ("/train", {"settings": {"vae": "/no/such/vae"}}, "VAE '/no/such/vae' is not usable"),
+])
+def test_model_paths_outside_the_workspace_are_refused(client, app_server, endpoint, kwargs, message):
+    from gradio_client.exceptions import AppError
+
+    from tests.train_fixtures import make_dataset
+
+    make_dataset(app_server.workspace / "datasets" / "paths-e2e")
+    extra = {"preset": "demo-sdxl", "max_train_steps": 1} if endpoint == "/train" else {}
+    with pytest.raises(AppError, match=message):
+        client.predict("paths-e2e", api_name=endpoint, **extra, **kwargs)

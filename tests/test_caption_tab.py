@@ -228,16 +228,16 @@ def test_api_caption_returns_summary_and_details_and_bad_input_is_specific(ctx, 
         tab.api_caption(ctx, "missing", *form())
     with pytest.raises(gr.Error, match="outside the workspace"):
         tab.api_caption(ctx, "/etc", *form())
-    with pytest.raises(gr.Error, match="unknown tagger"):
+    with pytest.raises(gr.Error, match="tagger .no-such-tagger. is not usable: name one of demo-tagger, wd-eva02"):
         tab.api_caption(ctx, "chars", *form(tagger="no-such-tagger", existing="overwrite"))
 
 
 def test_a_failed_run_says_so_in_the_status_and_as_an_error(ctx, data):
     outputs = []
-    with pytest.raises(gr.Error, match="unknown tagger 'no-such-tagger'"):
-        for out in tab.on_caption(ctx, "chars", "", "", "", *form(tagger="no-such-tagger", existing="overwrite")):
+    with pytest.raises(gr.Error, match="the tagger nobody/no-such-tagger is not in the models cache"):
+        for out in tab.on_caption(ctx, "chars", "", "", "", *form(tagger="nobody/no-such-tagger", existing="overwrite")):
             outputs.append(out)  # noqa: PERF402 (the loop ends in the error)
-    assert outputs[-1]["status"].startswith("**Failed**: unknown tagger 'no-such-tagger'")
+    assert outputs[-1]["status"].startswith("**Failed**: the tagger nobody/no-such-tagger is not in the models cache")
     assert (data / "img0.txt").read_text() == "1girl, red hair, smile"
 
 

@@ -43,8 +43,27 @@ def test_form_becomes_a_valid_config(tmp_path):
 def test_files_outside_the_workspace_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="outside the workspace"):
         convert(form_values(lora_1="/etc/passwd"), tmp_path)
-    with pytest.raises(ConfigError, match="outside the workspace"):
+    with pytest.raises(ConfigError, match="is not usable"):
         convert(form_values(model="../elsewhere/model.safetensors"), tmp_path)
+
+
+@pytest.mark.parametrize("reference", ["studio/../../../etc", "/etc", "/no/such/dir", "linked-out",
+                                       "studio/models", "../x.safetensors"])
+def test_model_paths_outside_the_workspace_get_one_message(tmp_path, reference):
+    (tmp_path / "linked-out").symlink_to("/etc")
+    for field in ("model", "vae"):
+        with pytest.raises(ConfigError) as refused:
+            convert(form_values(**{field: reference}), tmp_path)
+        message = str(refused.value)
+        assert "is not usable" in message and "exist" not in message
+
+
+def test_model_references_that_stay(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert convert(form_values(model="someone/some-model"), tmp_path)["model"] == "someone/some-model"
+    (tmp_path / "linked-out").symlink_to("/etc")
+    assert convert(form_values(model="linked-out/x"), tmp_path)["model"] == "linked-out/x", "a repo id, not /etc/x"
+    assert convert(form_values(model="models/mine"), tmp_path)["model"] == str((tmp_path / "models" / "mine").resolve())
 
 
 def test_as_dict_refuses_a_mismatched_form():

@@ -486,10 +486,25 @@ class CaptionRun:
     report: dict = field(default_factory=dict)  # "run": the CaptionRunReport, also when stopped
 
 
+def caption_models_inside(ctx: AppContext, config):
+    """The tagger and a local VLM: known names, repo ids or paths inside the workspace."""
+    from studio.captioning.run import OPENAI_PREFIX
+    from studio.captioning.tagger import DEMO_TAGGER, KNOWN_TAGGERS
+    from studio.paths import model_reference
+
+    workspace = ctx.settings.workspace
+    tagger = model_reference(config.tagger, {*KNOWN_TAGGERS, DEMO_TAGGER}, workspace, "tagger")
+    nl = config.nl
+    if nl.backend not in ("none", "") and not nl.backend.startswith(OPENAI_PREFIX):
+        nl = nl.model_copy(update={"backend": model_reference(nl.backend, {}, workspace, "NL captioner")})
+    return config.model_copy(update={"tagger": tagger, "nl": nl})
+
+
 def start_caption(ctx: AppContext, folder: str, values: tuple) -> CaptionRun:
     try:
         path = form.dataset_path(ctx.settings, folder)
-        config = form.caption_config(form.form_to_settings(as_dict(form.CAPTION_FIELDS, values)), path)
+        config = caption_models_inside(ctx, form.caption_config(form.form_to_settings(
+            as_dict(form.CAPTION_FIELDS, values)), path))
     except StudioError as exc:
         raise _error(exc) from None
     latest = ctx.jobs.latest(JOB_NAME)

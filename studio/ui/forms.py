@@ -10,6 +10,7 @@ from pathlib import Path
 
 from studio.errors import ConfigError
 from studio.fileio import inside
+from studio.paths import model_reference
 
 LORA_SLOTS = 4
 
@@ -93,7 +94,7 @@ def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: di
         if form[name] is not None:
             form[name] = int(form[name])
     form["model"] = model_reference(form["model"], catalog, workspace)
-    form["vae"] = model_reference(form["vae"], {}, workspace)
+    form["vae"] = model_reference(form["vae"], {}, workspace, what="VAE")
     form["style"] = {name: values[name] for name in STYLE_FIELDS}
     form["loras"] = [
         {"path": workspace_file(values[f"lora_{i}"], [loras_dir], workspace, "LoRA"),
@@ -105,16 +106,3 @@ def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: di
         form["hires"] = {"scale": values["hires_scale"], "denoise": values["hires_denoise"],
                          "steps": int(values["hires_steps"])}
     return form
-
-
-def model_reference(value: str, catalog: dict, workspace: Path) -> str:
-    """Catalog names and hub ids pass; a path must lie inside the workspace."""
-    value = (value or "").strip()
-    if not value or value in catalog:
-        return value
-    path = Path(value).expanduser()
-    if path.is_absolute() or value.startswith(".") or path.suffix:
-        if not inside(path if path.is_absolute() else workspace / path, workspace):
-            raise ConfigError(f"model {value} is outside the workspace ({workspace}); put it in {workspace / 'models'}")
-        return str(path if path.is_absolute() else workspace / path)
-    return value

@@ -134,12 +134,24 @@ def on_save_preset(ctx: AppContext, name: str, *values):
 
 
 # -- handlers: the job ----------------------------------------------------------------------------
+def config_models_inside(ctx: AppContext, config):
+    """The run's base model and VAE: catalog names, repo ids or paths inside the workspace."""
+    from studio.paths import model_reference
+
+    workspace = ctx.settings.workspace
+    return config.model_copy(update={
+        "pretrained_model": model_reference(config.pretrained_model, ctx.manager.catalog, workspace, "base model"),
+        "vae": model_reference(config.vae, {}, workspace, "VAE"),
+    })
+
+
 def _start(ctx: AppContext, config, run_dir: Path, resume: bool) -> Job:
     """Start the job and wait until it holds the GPU lane (or failed to get it)."""
     from studio.training.job import start_training
 
     if ctx.settings.zero_gpu:
         raise ConfigError("training cannot run on ZeroGPU (each GPU call is capped): use a dedicated GPU Space")
+    config = config_models_inside(ctx, config)
     job = start_training(ctx.jobs, ctx.manager, config, run_dir=run_dir, workspace=ctx.settings.workspace,
                          resume=resume)
     deadline = time.monotonic() + 10
