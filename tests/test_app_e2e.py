@@ -190,3 +190,19 @@ def test_model_paths_outside_the_workspace_are_refused(client, app_server, endpo
     extra = {"preset": "demo-sdxl", "max_train_steps": 1} if endpoint == "/train" else {}
     with pytest.raises(AppError, match=message):
         client.predict("paths-e2e", api_name=endpoint, **extra, **kwargs)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"sample_size": [16384, 16384]}, r"sample_size \[16384, 16384\]: each side must be a multiple of 8 from 64 to 2048"),
+    ({"resolution": 100000}, "resolution 100000: each must be a multiple of 8 from 64 to 4096"),
+    ({"max_bucket_reso": 99999}, "max_bucket_reso: Input should be less than or equal to 4096"),
+])
+def test_training_sizes_have_upper_limits(client, app_server, settings, message):
+    from gradio_client.exceptions import AppError
+
+    from tests.train_fixtures import make_dataset
+
+    make_dataset(app_server.workspace / "datasets" / "limits-e2e")
+    with pytest.raises(AppError, match=message):
+        client.predict("limits-e2e", preset="demo-sdxl", max_train_steps=1, settings=settings, api_name="/train")
+    assert client.predict(api_name="/train_status")[1].get("state") != "running", "nothing started"

@@ -40,6 +40,10 @@ class DataSource(_Config):
     num_repeats: int | None = Field(None, ge=1, le=1000)
 
 
+MAX_SIDE = 4096  # training resolutions and buckets (SDXL and Anima train at 1024-1536)
+MAX_SAMPLE_SIDE = 2048  # sample images during training
+
+
 class TrainConfig(_Config):
     # -- model --------------------------------------------------------------------------------
     pretrained_model: str = "animagine-xl-3.1"
@@ -49,9 +53,9 @@ class TrainConfig(_Config):
     # -- data -----------------------------------------------------------------------------------
     datasets: list[DataSource] = []
     resolution: int | list[int] = 1024  # a list trains at several resolutions (multi-res buckets)
-    min_bucket_reso: int = Field(256, ge=64)
-    max_bucket_reso: int = Field(2048, ge=64)
-    bucket_reso_steps: int = Field(64, ge=8)
+    min_bucket_reso: int = Field(256, ge=64, le=MAX_SIDE)
+    max_bucket_reso: int = Field(2048, ge=64, le=MAX_SIDE)
+    bucket_reso_steps: int = Field(64, ge=8, le=512)
     bucket_no_upscale: bool = False
     flip_aug: bool = False
     allow_empty_captions: bool = False  # images without a caption file train on "" only if asked
@@ -85,10 +89,10 @@ class TrainConfig(_Config):
     lr_scheduler_num_cycles: int = Field(1, ge=1)
     lr_cycle_decay: float = Field(1.0, gt=0, le=1)  # each restart's peak = previous peak * decay (Animagine: 0.9)
     min_lr_ratio: float = Field(0.0, ge=0, lt=1)
-    max_train_steps: int | None = Field(1600, ge=1)
-    max_train_epochs: int | None = Field(None, ge=1)  # when set, wins over max_train_steps
+    max_train_steps: int | None = Field(1600, ge=1, le=1_000_000)
+    max_train_epochs: int | None = Field(None, ge=1, le=100_000)  # when set, wins over max_train_steps
     train_batch_size: int = Field(1, ge=1, le=256)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
@@ -102,11 +106,11 @@ class TrainConfig(_Config):
     save_last_n: int = Field(3, ge=1)
     save_diffusers_format: bool = False
     sample_every_n_steps: int | None = Field(None, ge=0)  # 0 or None: never
-    sample_prompts: list[str] = []
+    sample_prompts: list[str] = Field([], max_length=16)
     sample_seed: int = 1234
     sample_steps: int = Field(20, ge=1, le=150)
-    sample_size: tuple[int, int] = (832, 1216)
-    sample_cfg: float = Field(6.0, ge=0)
+    sample_size: tuple[int, int] = (832, 1216)  # each side 64 to MAX_SAMPLE_SIDE
+    sample_cfg: float = Field(6.0, ge=0, le=30)
     validate_every_n_steps: int | None = Field(None, ge=0)  # 0 or None: never
     log_every_n_steps: int = Field(1, ge=1)
     tensorboard: bool = True
@@ -115,8 +119,27 @@ class TrainConfig(_Config):
     @classmethod
     def _resolutions(cls, value: int | list[int]) -> int | list[int]:
         values = value if isinstance(value, list) else [value]
-        if not values or any(v < 64 or v % 8 for v in values):
-            raise ValueError(f"resolution {value}: each must be a multiple of 8, at least 64 (typically 1024)")
+        if not values or len(values) > 8 or any(v < 64 or v > MAX_SIDE or v % 8 for v in values):
+            raise ValueError(f"resolution {value}: each must be a multiple of 8 from 64 to {MAX_SIDE} (typically "
+                             "1024), at most 8 of them")
+        return value
+
+    @field_validator("sample_size")
+    @classmethod
+    def _sample_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(v < 64 or v > MAX_SAMPLE_SIDE or v % 8 for v in value):
+            raise ValueError(f"sample_size {list(value)}: each side must be a multiple of 8 from 64 to "
+                             f"{MAX_SAMPLE_SIDE}")
+        return value
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_prompts(cls, value: list[str]) -> list[str]:
+        from studio.schemas import MAX_PROMPT_CHARS
+
+        for prompt in value:
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"a sample prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
         return value
 
     @model_validator(mode="after")
