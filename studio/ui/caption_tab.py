@@ -28,7 +28,7 @@ from studio.jobs import Job
 from studio.schemas import validate
 from studio.ui import caption_form as form
 from studio.ui import dataset_view as view
-from studio.ui.forms import as_dict, named_parameters
+from studio.ui.forms import as_dict, check_text, named_parameters
 
 POLL_SECONDS = 0.3
 GALLERY_REFRESH_SECONDS = 1.0  # while captioning, re-read the gallery at most this often
@@ -502,6 +502,7 @@ def caption_models_inside(ctx: AppContext, config):
 
 def start_caption(ctx: AppContext, folder: str, values: tuple) -> CaptionRun:
     try:
+        check_text({"dataset": folder}, ("dataset",))
         path = form.dataset_path(ctx.settings, folder)
         config = caption_models_inside(ctx, form.caption_config(form.form_to_settings(
             as_dict(form.CAPTION_FIELDS, values)), path))

@@ -86,8 +86,21 @@ def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: s
     return str(path.resolve())
 
 
+GENERATE_TEXT_FIELDS = ("prompt", "negative_prompt", "model", "vae", "sampler", "aesthetic", "year", "rating",
+                        *(f"lora_{i}" for i in range(1, LORA_SLOTS + 1)))
+
+
+def check_text(values: dict, names) -> None:
+    """API callers may send any JSON: a text input must be text (or left out)."""
+    for name in names:
+        value = values.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name}: expected text, got {type(value).__name__} {str(value)[:40]!r}")
+
+
 def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: dict) -> dict:
     """The Generate tab's flat form as GenerateConfig fields (nested style, LoRA list, hires)."""
+    check_text(values, GENERATE_TEXT_FIELDS)
     form = {k: values[k] for k in ("prompt", "negative_prompt", "model", "vae", "width", "height", "steps",
                                    "cfg_scale", "sampler", "seed", "batch_size", "batch_count")}
     for name in ("width", "height", "steps", "seed", "batch_size", "batch_count"):

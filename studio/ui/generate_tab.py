@@ -30,6 +30,8 @@ from studio.schemas import (
 from studio.ui.format import job_status_line
 from studio.ui.forms import (
     GENERATE_FIELDS,
+    GENERATE_TEXT_FIELDS,
+    check_text,
     LORA_SLOTS,
     as_dict,
     generate_form,
@@ -190,6 +192,7 @@ def check_visitor_form(ctx: AppContext, values: dict) -> None:
 
 def _config(ctx: AppContext, values: tuple):
     values = as_dict(GENERATE_FIELDS, values)
+    check_text(values, GENERATE_TEXT_FIELDS)
     check_visitor_form(ctx, values)
     form = generate_form(values, loras_dir=ctx.settings.loras_dir,
                          workspace=ctx.settings.workspace, catalog=ctx.manager.catalog)

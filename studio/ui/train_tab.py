@@ -23,7 +23,7 @@ from studio.jobs import Job
 from studio.ui import train_form as form
 from studio.ui import train_view as view
 from studio.ui.caption_form import dataset_choices, dataset_path
-from studio.ui.forms import LORA_SLOTS, as_dict, named_parameters
+from studio.ui.forms import LORA_SLOTS, as_dict, check_text, named_parameters
 from studio.ui.generate_tab import GenerateTab, lora_choices
 
 JOB_NAME = "train"  # studio.training.job.JOB_NAME, without importing the engine at app start
@@ -317,6 +317,9 @@ def api_train(ctx: AppContext, dataset: str, preset: str | None, max_train_steps
     from studio.training.runs import new_run_dir
 
     try:
+        check_text({"dataset": dataset, "preset": preset, "output_name": output_name}, ("dataset", "preset", "output_name"))
+        if settings is not None and not isinstance(settings, dict):
+            raise ConfigError(f"settings: expected an object of TrainConfig keys, got {type(settings).__name__}")
         overrides = dict(settings or {})
         names = [n.strip() for n in (dataset or "").split(",") if n.strip()]
         if not names:
