@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from studio.errors import ConfigError
 
 AUTH_ENV = "STUDIO_AUTH"  # "user:password"; a Space sets it as a secret
+NL_SERVERS_ENV = "STUDIO_NL_SERVERS"
 # Every command-line flag has an environment variable (a Space's settings); a flag wins.
 # --host and --port use Gradio's own variables, which Hugging Face Spaces sets.
 FLAG_ENV = {
@@ -86,6 +87,9 @@ class Settings(BaseModel):
     space_id: str | None = None  # "owner/name"
     zero_gpu: bool = False  # SPACES_ZERO_GPU: GPU work runs in `spaces.GPU` calls
     oauth: bool = False  # the Space has `hf_oauth: true` (Sign in with Hugging Face)
+    # OpenAI-compatible caption servers (base URLs) that requests may use when strangers can reach
+    # the app (a Space, --share, a public --host): STUDIO_NL_SERVERS, comma separated
+    nl_servers: tuple[str, ...] = ()
     # A user's own workspace keeps the app's models cache (downloads are shared, never per user)
     models_root: Path | None = None
 
@@ -121,7 +125,23 @@ class Settings(BaseModel):
             share=env_flag(value("share")), auth=parse_auth(value("auth")), demo=env_flag(value("demo")),
             vram=vram, space_id=space_id, zero_gpu=env_flag(environ.get("SPACES_ZERO_GPU")),
             oauth=bool(space_id and environ.get("SYSTEM") == "spaces" and environ.get("OAUTH_CLIENT_ID")),
+            nl_servers=tuple(u.strip().rstrip("/") for u in environ.get(NL_SERVERS_ENV, "").split(",") if u.strip()),
         )
+
+    @property
+    def reachable_by_strangers(self) -> bool:
+        """A Space, a share link or a non-local address: requests may come from anyone."""
+        return bool(self.space_id) or self.share or not is_loopback(self.host)
+
+    def check_nl_server(self, url: str) -> None:
+        """Where strangers can reach the app, an NL caption server must be one the owner listed:
+        otherwise any visitor could make this server send requests to any address."""
+        if not self.reachable_by_strangers:
+            return
+        if url.rstrip("/") not in self.nl_servers:
+            listed = ", ".join(self.nl_servers) or "none are listed"
+            raise ConfigError(f"NL caption server {url!r} is not one this app's owner allows ({listed}); the owner "
+                              f"lists them in {NL_SERVERS_ENV}")
 
     @property
     def multi_user(self) -> bool:

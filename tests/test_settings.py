@@ -132,3 +132,16 @@ def test_a_workspace_on_the_spaces_own_disk_is_ephemeral(tmp_path, monkeypatch):
     assert not space.workspace_is_ephemeral(app_dir), "a mounted storage volume keeps it"
     monkeypatch.undo()
     assert not settings_for(["--workspace", str(volume)], {}).workspace_is_ephemeral(app_dir), "only in a Space"
+
+
+def test_nl_caption_servers_are_the_owners_choice_when_strangers_can_reach_the_app(tmp_path):
+    local = settings_for(["--workspace", str(tmp_path)], {})
+    local.check_nl_server("http://10.0.0.5:8000/v1")  # your own machine: your own servers
+    env = {"SPACE_ID": "me/studio", "STUDIO_NL_SERVERS": "http://127.0.0.1:8000/v1/, https://llm.example/v1"}
+    space = settings_for(["--workspace", str(tmp_path)], env)
+    space.check_nl_server("http://127.0.0.1:8000/v1")
+    for url in ("http://169.254.169.254/latest", "http://10.0.0.5:8000/v1"):
+        with pytest.raises(ConfigError, match="not one this app's owner allows"):
+            space.check_nl_server(url)
+    with pytest.raises(ConfigError, match="none are listed"):
+        settings_for(["--workspace", str(tmp_path), "--share"], {}).check_nl_server("http://x/v1")

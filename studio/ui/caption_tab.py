@@ -487,7 +487,8 @@ class CaptionRun:
 
 
 def caption_models_inside(ctx: AppContext, config):
-    """The tagger and a local VLM: known names, repo ids or paths inside the workspace."""
+    """The tagger and a local VLM: known names, repo ids or paths inside the workspace; an NL
+    caption server: one the owner allows, when strangers can reach the app."""
     from studio.captioning.run import OPENAI_PREFIX
     from studio.captioning.tagger import DEMO_TAGGER, KNOWN_TAGGERS
     from studio.paths import model_reference
@@ -495,7 +496,9 @@ def caption_models_inside(ctx: AppContext, config):
     workspace = ctx.settings.workspace
     tagger = model_reference(config.tagger, {*KNOWN_TAGGERS, DEMO_TAGGER}, workspace, "tagger")
     nl = config.nl
-    if nl.backend not in ("none", "") and not nl.backend.startswith(OPENAI_PREFIX):
+    if nl.backend.startswith(OPENAI_PREFIX):
+        ctx.settings.check_nl_server(nl.backend.removeprefix(OPENAI_PREFIX).rpartition("#")[0])
+    elif nl.backend not in ("none", ""):
         nl = nl.model_copy(update={"backend": model_reference(nl.backend, {}, workspace, "NL captioner")})
     return config.model_copy(update={"tagger": tagger, "nl": nl})
 
