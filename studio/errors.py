@@ -33,3 +33,22 @@ class JobStopped(StudioError):
 class DatasetError(StudioError):
     """A dataset folder, upload or archive cannot be used as asked: an unsafe or oversized zip, a
     caption edit that would corrupt a file, an image that cannot be decoded."""
+
+
+class WriteError(StudioError, OSError):
+    """A file could not be written (disk full, no permission): one clear line for the UI and the
+    CLI. It is an OSError too, for callers that handle I/O errors as such."""
+
+
+def write_error(path, exc: BaseException) -> WriteError | None:
+    """`exc` as a WriteError about `path` when it is an I/O failure (an OSError, or safetensors'
+    SafetensorError wrapping one); None for anything else (a bug must stay loud)."""
+    text = str(exc)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or text
+    elif type(exc).__name__ == "SafetensorError" and ("os error" in text.lower() or "space" in text.lower()):
+        reason = text
+    else:
+        return None
+    return WriteError(f"could not write {path}: {reason}. What was saved before is intact; free some disk "
+                      "space (or fix the folder's permissions) and try again.")

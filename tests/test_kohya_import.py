@@ -300,3 +300,29 @@ def test_multires_noise_is_listed_and_trained_without_an_offset(tmp_path):
                                      multires_noise_iterations=6, lr_warmup=0))
     assert result.values["noise_offset"] == 0.0 and result.values["lr_warmup_steps"] == 0
     assert ("noise_offset_type", "Multires") in result.ignored and ("multires_noise_iterations", 6) in result.ignored
+
+
+def test_a_full_disk_is_one_clear_line_in_the_cli(tmp_path, demo_models_dir, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from safetensors import torch as st
+
+    from studio.__main__ import main
+
+    data_dir = kohya_dataset(tmp_path, repeats=1, images=2)
+    path = write_json(tmp_path, gui_config(
+        data_dir, pretrained_model_name_or_path="demo-sdxl", max_resolution="64,64", min_bucket_reso=64,
+        max_bucket_reso=128, network_dim=4, network_alpha=2, max_train_steps=2, lr_warmup=0, train_batch_size=1,
+        optimizer="AdamW", mixed_precision="no", sample_every_n_steps=0, sample_prompts=""))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "models").symlink_to(demo_models_dir, target_is_directory=True)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    code = main(["train", "--import-kohya", str(path), "--output-dir", str(tmp_path / "run"),
+                 "--workspace", str(tmp_path / "ws")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: could not write" in err and "No space left on device" in err and "Traceback" not in err

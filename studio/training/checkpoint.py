@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.errors import StudioError
+from studio.errors import StudioError, write_error
 
 STATE_DIR = "state"
 _PREFIX = "step-"
@@ -100,6 +100,8 @@ def save_state(run_dir: Path, state: TrainingState, network: dict[str, dict], op
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except Exception as exc:
+        raise (write_error(final, exc) or exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
