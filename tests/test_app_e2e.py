@@ -1,6 +1,8 @@
 """End to end: `python app.py --demo` serves quickly, /generate works through gradio_client and
 bad input gets a specific message while the app keeps serving."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -206,3 +208,28 @@ def test_training_sizes_have_upper_limits(client, app_server, settings, message)
     with pytest.raises(AppError, match=message):
         client.predict("limits-e2e", preset="demo-sdxl", max_train_steps=1, settings=settings, api_name="/train")
     assert client.predict(api_name="/train_status")[1].get("state") != "running", "nothing started"
+
+
+def test_the_file_route_serves_only_what_the_page_shows(client, app_server):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    def status(path):
+        try:
+            with urllib.request.urlopen(app_server.url + "gradio_api/file=" + urllib.parse.quote(str(path)),
+                                        timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    image = client.predict("1girl", api_name="/generate", steps=1, width=256, height=256)[0]["image"]
+    output = next((app_server.workspace / "outputs").rglob("*.png"))
+    private = app_server.workspace / "presets" / "secret.toml"
+    private.parent.mkdir(parents=True, exist_ok=True)
+    private.write_text("x = 1")
+    hidden = app_server.workspace / "datasets" / ".undo-log.json"
+    hidden.write_text("{}")
+    assert status(output) == 200 and Path(image).is_file()
+    assert status(private) == 404 and status(hidden) == 404
+    assert status(app_server.workspace / "presets" / "missing.toml") == 404

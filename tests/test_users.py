@@ -49,7 +49,7 @@ def test_the_session_names_the_user_until_it_expires():
 
 def test_the_file_guard_serves_workspace_files_to_their_owner_only(tmp_path):
     (tmp_path / "users" / "alice").mkdir(parents=True)
-    guard = WorkspaceFileGuard(None, tmp_path)
+    guard = WorkspaceFileGuard(None, tmp_path, per_user=True)
     mine = f"/gradio_api/file={tmp_path}/users/alice/outputs/1.png"
     assert guard._allowed(scope_of("alice", path=mine))
     assert not guard._allowed(scope_of("bob", path=mine)) and not guard._allowed(scope_of(None, path=mine))
@@ -58,3 +58,14 @@ def test_the_file_guard_serves_workspace_files_to_their_owner_only(tmp_path):
     assert not guard._allowed(scope_of("alice", path=f"/gradio_api/file={tmp_path}/models/x.safetensors"))
     assert guard._allowed(scope_of(None, path="/gradio_api/file=/tmp/gradio/abc/image.png")), "Gradio's own checks"
     assert guard._allowed(scope_of(None, path="/config"))
+
+
+@pytest.mark.parametrize(("relative", "served"), [
+    ("outputs/2026-12-04/00001-5.png", True), ("datasets/chars/a.png", True), ("runs/r/samples/s.png", True),
+    ("loras/x.safetensors", True), ("presets/train/mine.toml", False), ("cache/latents/a.safetensors", False),
+    ("models/demo-sdxl/unet/x.safetensors", False), ("datasets/chars/.undo/000001.json", False),
+    (".secret", False), ("outputs", False),
+])
+def test_one_users_file_route_serves_only_what_the_page_shows(tmp_path, relative, served):
+    guard = WorkspaceFileGuard(None, tmp_path)
+    assert guard._allowed(scope_of(None, path=f"/gradio_api/file={tmp_path}/{relative}")) is served

@@ -95,13 +95,12 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 def launch(app: gr.Blocks, ctx: AppContext, *, block: bool = True):
     settings = ctx.settings
     css = APP_DIR / CSS_FILE
-    app_kwargs = {}
-    if settings.multi_user:
-        from starlette.middleware import Middleware
+    from starlette.middleware import Middleware
 
-        from studio.ui.users import WorkspaceFileGuard
+    from studio.ui.users import WorkspaceFileGuard
 
-        app_kwargs["middleware"] = [Middleware(WorkspaceFileGuard, workspace=settings.workspace)]
+    guard = Middleware(WorkspaceFileGuard, workspace=settings.workspace, per_user=settings.multi_user)
+    app_kwargs = {"middleware": [guard]}
     auth = None
     if settings.auth:
         from studio.ui.login import ThrottledLogin

@@ -116,14 +116,22 @@ def _signed_in_only(fn: Callable, ctx: RequestContext, name: str) -> Callable:
     return wrapper
 
 
-class WorkspaceFileGuard:
-    """ASGI middleware (inside Gradio's session middleware): a file-route request for a path in
-    the workspace is answered only for the signed-in user's own folder; otherwise 404, the same
-    answer whether or not the file exists."""
+SERVED_DIRS = ("datasets", "outputs", "loras", "runs")  # what the page shows or offers to download
 
-    def __init__(self, app, workspace: Path):
+
+class WorkspaceFileGuard:
+    """ASGI middleware (inside Gradio's session middleware, where there is one): the file route
+    serves from the workspace only what the page needs, the folders SERVED_DIRS without hidden
+    files (undo logs, caches, presets and models stay private); on a multi-user Space only those
+    of the signed-in user's own folder. Anything else is 404, whether or not it exists."""
+
+    def __init__(self, app, workspace: Path, per_user: bool = False):
         self.app = app
         self.workspace = Path(workspace).resolve()
+        self.per_user = per_user
+        from gradio.utils import get_upload_folder
+
+        self.gradio_cache = Path(get_upload_folder()).resolve()  # may lie inside the workspace
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") == "http" and not self._allowed(scope):
@@ -142,7 +150,16 @@ class WorkspaceFileGuard:
         target = Path(wanted).expanduser()
         if not target.is_absolute():
             target = Path.cwd() / target
-        if not inside(target, self.workspace):
+        if not inside(target, self.workspace) or inside(target, self.gradio_cache):
             return True  # Gradio's own checks decide (its cache, uploads, static files)
-        user = signed_in_user(scope) if "session" in scope else None
-        return user is not None and inside(target, self.workspace / USERS_DIR / user)
+        root = self.workspace
+        if self.per_user:
+            user = signed_in_user(scope) if "session" in scope else None
+            if user is None:
+                return False
+            root = root / USERS_DIR / user
+        try:
+            parts = target.resolve().relative_to(root.resolve()).parts
+        except ValueError:
+            return False
+        return len(parts) > 1 and parts[0] in SERVED_DIRS and not any(p.startswith(".") for p in parts)
