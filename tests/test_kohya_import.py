@@ -253,10 +253,8 @@ def test_unreadable_files_are_config_errors(tmp_path):
         import_kohya_file(tmp_path / "nothing.json")
 
 
-def test_the_cli_trains_from_an_imported_config_and_lists_what_it_ignored(tmp_path, demo_models_dir, capsys):
-    from studio.__main__ import main
-    from studio.training.loop import read_events
-
+def tiny_cli_setup(tmp_path, demo_models_dir):
+    """A 2-step kohya GUI config over a 2-image dataset, and a workspace whose models are the demo's."""
     data_dir = kohya_dataset(tmp_path, repeats=1, images=2)
     path = write_json(tmp_path, gui_config(
         data_dir, pretrained_model_name_or_path="demo-sdxl", max_resolution="64,64", min_bucket_reso=64,
@@ -264,6 +262,14 @@ def test_the_cli_trains_from_an_imported_config_and_lists_what_it_ignored(tmp_pa
         optimizer="AdamW", mixed_precision="no", sample_every_n_steps=0, sample_prompts=""))
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "models").symlink_to(demo_models_dir, target_is_directory=True)
+    return path
+
+
+def test_the_cli_trains_from_an_imported_config_and_lists_what_it_ignored(tmp_path, demo_models_dir, capsys):
+    from studio.__main__ import main
+    from studio.training.loop import read_events
+
+    path = tiny_cli_setup(tmp_path, demo_models_dir)
     run_dir = tmp_path / "run"
     code = main(["train", "--import-kohya", str(path), "--output-name", "cli_lora", "--output-dir", str(run_dir),
                  "--workspace", str(tmp_path / "ws")])
@@ -308,13 +314,7 @@ def test_a_full_disk_is_one_clear_line_in_the_cli(tmp_path, demo_models_dir, cap
 
     from studio.__main__ import main
 
-    data_dir = kohya_dataset(tmp_path, repeats=1, images=2)
-    path = write_json(tmp_path, gui_config(
-        data_dir, pretrained_model_name_or_path="demo-sdxl", max_resolution="64,64", min_bucket_reso=64,
-        max_bucket_reso=128, network_dim=4, network_alpha=2, max_train_steps=2, lr_warmup=0, train_batch_size=1,
-        optimizer="AdamW", mixed_precision="no", sample_every_n_steps=0, sample_prompts=""))
-    (tmp_path / "ws").mkdir()
-    (tmp_path / "ws" / "models").symlink_to(demo_models_dir, target_is_directory=True)
+    path = tiny_cli_setup(tmp_path, demo_models_dir)
 
     def full_disk(*args, **kwargs):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
