@@ -233,3 +233,25 @@ def test_every_optimizer_saves_and_resumes_exactly(dataset, tmp_path, demo_model
     run(config, tmp_path, demo_models_dir, "split", stop_after=2)
     resumed = run(config, tmp_path, demo_models_dir, "split", resume=True)
     assert step_losses(resumed.run_dir) == step_losses(whole.run_dir)
+
+
+def test_stop_during_sampling_ends_the_run_within_seconds(dataset, tmp_path, demo_models_dir):
+    import threading
+    import time
+
+    config = fast_config(dataset, max_train_steps=4, sample_prompts=["1girl", "1boy"], sample_every_n_steps=1,
+                         sample_steps=150, sample_size=(512, 512))
+    stop = threading.Event()
+    sampling = {}
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 1:
+            sampling["since"] = time.monotonic()
+            threading.Timer(1.0, stop.set).start()  # Stop pressed a second into the first samples
+
+    result = run(config, tmp_path, demo_models_dir, on_event=on_event, stop=stop)
+    assert result.status == "stopped" and result.step == 1
+    assert time.monotonic() - sampling["since"] < 15, "150 sampling steps x 2 prompts were not waited for"
+    assert not list(result.run_dir.glob("samples/step000001-*.png")), "no half-made samples are kept"
+    messages = [e.get("text") for e in read_events(result.run_dir) if e["kind"] == "message"]
+    assert "sampling at step 1 stopped" in messages

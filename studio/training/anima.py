@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.errors import ConfigError
+from studio.errors import ConfigError, JobStopped
 from studio.training.config import TrainConfig
 from studio.training.network import finish_network, trainable
 
@@ -245,7 +245,7 @@ class AnimaTrainingModel:
 
     # -- outputs -------------------------------------------------------------------------------
     def sample_images(self, prompts: list[str], negative: str, seed: int, steps: int, size: tuple[int, int],
-                      cfg: float) -> list:
+                      cfg: float, stop=None) -> list:
         """Images from the model being trained (network active), with the pipeline's Euler
         flow-matching scheduler and a CPU generator seeded per prompt (as generate() seeds)."""
         import torch
@@ -264,6 +264,8 @@ class AnimaTrainingModel:
         try:
             images = []
             for i, prompt in enumerate(prompts):
+                if stop is not None and stop.is_set():  # the modular pipeline has no step callback
+                    raise JobStopped("sampling stopped")
                 generator = torch.Generator("cpu").manual_seed(seed + i)
                 with torch.no_grad(), quiet_logger(BLOCK_ERROR_LOGGER):
                     images += pipe(prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],

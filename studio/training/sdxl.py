@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.errors import ConfigError
+from studio.errors import ConfigError, JobStopped
 from studio.training.config import TrainConfig
 from studio.training.network import finish_network, trainable
 
@@ -214,8 +214,9 @@ class SDXLTrainingModel:
 
     # -- outputs -------------------------------------------------------------------------------
     def sample_images(self, prompts: list[str], negative: str, seed: int, steps: int, size: tuple[int, int],
-                      cfg: float) -> list:
-        """Images from the model being trained (network active), fixed seed per prompt."""
+                      cfg: float, stop=None) -> list:
+        """Images from the model being trained (network active), fixed seed per prompt. A set
+        `stop` event raises JobStopped at the next denoising step."""
         import torch
         from diffusers import EulerAncestralDiscreteScheduler
 
@@ -232,7 +233,8 @@ class SDXLTrainingModel:
                 generator = torch.Generator("cpu").manual_seed(seed + i)
                 with torch.no_grad():
                     images += pipe(prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
-                                   num_inference_steps=steps, guidance_scale=cfg, generator=generator).images
+                                   num_inference_steps=steps, guidance_scale=cfg, generator=generator,
+                                   callback_on_step_end=_stop_check(stop)).images
             return images
         finally:
             pipe.scheduler = original
@@ -290,3 +292,14 @@ class SDXLTrainingModel:
             config = modules[component].peft_config["default"].to_dict()
             atomic_write_text(folder / component / "adapter_config.json", json.dumps(config, default=list, indent=1))
         return folder
+
+
+def _stop_check(stop):
+    """A diffusers step-end callback that raises JobStopped once `stop` is set."""
+
+    def check(pipe, step, timestep, callback_kwargs):
+        if stop is not None and stop.is_set():
+            raise JobStopped("sampling stopped")
+        return callback_kwargs
+
+    return check

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from studio.errors import ConfigError, StudioError
+from studio.errors import ConfigError, JobStopped, StudioError
 from studio.training.checkpoint import (
     TrainingState,
     check_resumable,
@@ -243,7 +243,7 @@ def train(
         if data.validation and config.validate_every_n_steps and step % config.validate_every_n_steps == 0:
             log.emit("validation", step, epoch, loss=validation_loss(model, config, data.validation, builder))
         if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
-            saver.samples(step, epoch, log)
+            saver.samples(step, epoch, log, stop)
         epoch_end = (step * plan.micro_per_step) % plan.batches_per_epoch < plan.micro_per_step
         stopping = (stop is not None and stop.is_set()) or (stop_after is not None and step >= stop_after)
         if stopping or saver.due(step, epoch_end) or step == plan.total_steps:
@@ -255,7 +255,7 @@ def train(
     # 7. The end: the final LoRA (and samples) are written; what was saved is listed.
     if status == "done":
         if config.sample_prompts:
-            saver.samples(step, epoch, log)
+            saver.samples(step, epoch, log, stop)
         message = f"done: {step} steps"
     if world > 1:  # every process must hold the same network: say so in the log
         checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in trainable)], device=accelerator.device)
@@ -331,14 +331,20 @@ class Saver:
             resolution=(width, width), tag_frequency=self.data.tag_frequency, **self.model.metadata_kwargs(),
         )
 
-    def samples(self, step: int, epoch: int, log: EventLog) -> None:
+    def samples(self, step: int, epoch: int, log: EventLog, stop: threading.Event | None = None) -> None:
+        """Sample images from the model being trained; Stop ends the sampling at its next step
+        (no samples are kept for that step) and the run then stops as usual."""
         if not self.main:
             return
         from studio.generation.infotext import format_infotext, write_png
 
         config = self.config
-        images = self.model.sample_images(config.sample_prompts, "", config.sample_seed, config.sample_steps,
-                                          tuple(config.sample_size), config.sample_cfg)
+        try:
+            images = self.model.sample_images(config.sample_prompts, "", config.sample_seed, config.sample_steps,
+                                              tuple(config.sample_size), config.sample_cfg, stop=stop)
+        except JobStopped:
+            log.emit("message", step, epoch, text=f"sampling at step {step} stopped")
+            return
         paths = []
         for i, (prompt, image) in enumerate(zip(config.sample_prompts, images)):
             text = format_infotext(prompt, "", {"Steps": config.sample_steps, "Sampler": "Euler a",
