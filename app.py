@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"default to tiny random-weight demo models (offline) [{env['demo']}=1]")
     parser.add_argument("--workspace", type=Path,
                         help=f"folder for datasets, outputs, LoRAs and runs (default ./workspace) [{env['workspace']}]")
+    parser.add_argument("--model-dir", action="append", type=Path,
+                        help=f"a folder of models, VAEs and LoRAs outside the workspace that requests may read "
+                             f"(e.g. ComfyUI's models folder); repeat for several [{env['model_dir']}]")
     parser.add_argument("--vram", choices=["auto", "high", "normal", "low", "cpu"],
                         help=f"how models use GPU memory (default auto: picks by free VRAM) [{env['vram']}]")
     return parser.parse_args(argv)

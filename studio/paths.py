@@ -13,15 +13,18 @@ from studio.fileio import inside
 from studio.models.catalog import HUB_ID
 
 
-def model_reference(value: str | None, names, workspace: Path, what: str = "model") -> str:
+def model_reference(value: str | None, names, workspace: Path, what: str = "model",
+                    model_dirs: tuple[Path, ...] = ()) -> str:
     """`value` as the loaders should receive it: a known name or a repo id unchanged, a path as
-    its resolved absolute path inside `workspace`. `names`: the names that need no path."""
+    its resolved absolute path inside `workspace` or one of the `model_dirs` the person running
+    the app configured (--model-dir: e.g. their ComfyUI or A1111 model folders, only read).
+    `names`: the names that need no path."""
     value = (value or "").strip()
     if not value or value in names:
         return value
     path = Path(value).expanduser()
     local = path if path.is_absolute() else workspace / path
-    if inside(local, workspace) and local.exists():
+    if any(inside(local, root) for root in (workspace, *model_dirs)) and local.exists():
         return str(local.resolve())
     hub_like = HUB_ID.match(value) and ".." not in value.split("/") and not path.is_absolute()
     if hub_like and not path.exists():  # not also a folder of that name beside the app

@@ -27,6 +27,7 @@ FLAG_ENV = {
     "demo": "STUDIO_DEMO",
     "workspace": "STUDIO_WORKSPACE",
     "vram": "STUDIO_VRAM",
+    "model_dir": "STUDIO_MODEL_DIRS",  # several, separated by os.pathsep (":")
 }
 DEFAULTS = {"host": "127.0.0.1", "port": "7860", "share": "", "auth": "", "demo": "", "workspace": "workspace",
             "vram": "auto"}
@@ -90,6 +91,8 @@ class Settings(BaseModel):
     # OpenAI-compatible caption servers (base URLs) that requests may use when strangers can reach
     # the app (a Space, --share, a public --host): STUDIO_NL_SERVERS, comma separated
     nl_servers: tuple[str, ...] = ()
+    # Folders outside the workspace that models, VAEs and LoRAs may be read from (--model-dir)
+    model_dirs: tuple[Path, ...] = ()
     # A user's own workspace keeps the app's models cache (downloads are shared, never per user)
     models_root: Path | None = None
 
@@ -125,6 +128,8 @@ class Settings(BaseModel):
             share=env_flag(value("share")), auth=parse_auth(value("auth")), demo=env_flag(value("demo")),
             vram=vram, space_id=space_id, zero_gpu=env_flag(environ.get("SPACES_ZERO_GPU")),
             oauth=bool(space_id and environ.get("SYSTEM") == "spaces" and environ.get("OAUTH_CLIENT_ID")),
+            model_dirs=tuple(Path(d).expanduser().resolve() for d in (getattr(args, "model_dir", None) or [])
+                             or [d for d in environ.get(FLAG_ENV["model_dir"], "").split(os.pathsep) if d]),
             nl_servers=tuple(u.strip().rstrip("/") for u in environ.get(NL_SERVERS_ENV, "").split(",") if u.strip()),
         )
 

@@ -69,3 +69,31 @@ def test_model_references_that_stay(tmp_path):
 def test_as_dict_refuses_a_mismatched_form():
     with pytest.raises(ValueError):
         as_dict(GENERATE_FIELDS, ("only one",))
+
+
+def test_a_lora_symlink_out_of_the_workspace_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "evil.safetensors").write_bytes(b"x")
+    ws = tmp_path / "ws"
+    (ws / "loras").mkdir(parents=True)
+    (ws / "loras" / "evil.safetensors").symlink_to(outside / "evil.safetensors")
+    with pytest.raises(ConfigError, match="outside the workspace"):
+        convert(form_values(lora_1="evil.safetensors"), ws)
+
+
+def test_model_dirs_the_owner_configured_are_readable(tmp_path):
+    comfy = tmp_path / "ComfyUI" / "models"
+    (comfy / "loras").mkdir(parents=True)
+    (comfy / "checkpoints").mkdir()
+    (comfy / "loras" / "style.safetensors").write_bytes(b"x")
+    (comfy / "checkpoints" / "model.safetensors").write_bytes(b"x")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    values = form_values(model=str(comfy / "checkpoints" / "model.safetensors"),
+                         lora_1=str(comfy / "loras" / "style.safetensors"))
+    with pytest.raises(ConfigError):
+        convert(values, ws)
+    form = generate_form(values, loras_dir=ws / "loras", workspace=ws, catalog=load_catalog(), model_dirs=(comfy,))
+    assert form["model"] == str((comfy / "checkpoints" / "model.safetensors").resolve())
+    assert form["loras"][0]["path"] == str((comfy / "loras" / "style.safetensors").resolve())

@@ -145,3 +145,10 @@ def test_nl_caption_servers_are_the_owners_choice_when_strangers_can_reach_the_a
             space.check_nl_server(url)
     with pytest.raises(ConfigError, match="none are listed"):
         settings_for(["--workspace", str(tmp_path), "--share"], {}).check_nl_server("http://x/v1")
+
+
+def test_model_dirs_from_the_flag_or_the_variable(tmp_path):
+    flag = settings_for(["--workspace", str(tmp_path), "--model-dir", str(tmp_path / "a"), "--model-dir", "/b"], {})
+    assert flag.model_dirs == ((tmp_path / "a").resolve(), Path("/b"))
+    env = settings_for(["--workspace", str(tmp_path)], {"STUDIO_MODEL_DIRS": f"/c:{tmp_path}/d"})
+    assert env.model_dirs == (Path("/c"), (tmp_path / "d").resolve())

@@ -494,12 +494,13 @@ def caption_models_inside(ctx: AppContext, config):
     from studio.paths import model_reference
 
     workspace = ctx.settings.workspace
-    tagger = model_reference(config.tagger, {*KNOWN_TAGGERS, DEMO_TAGGER}, workspace, "tagger")
+    dirs = ctx.settings.model_dirs
+    tagger = model_reference(config.tagger, {*KNOWN_TAGGERS, DEMO_TAGGER}, workspace, "tagger", dirs)
     nl = config.nl
     if nl.backend.startswith(OPENAI_PREFIX):
         ctx.settings.check_nl_server(nl.backend.removeprefix(OPENAI_PREFIX).rpartition("#")[0])
     elif nl.backend not in ("none", ""):
-        nl = nl.model_copy(update={"backend": model_reference(nl.backend, {}, workspace, "NL captioner")})
+        nl = nl.model_copy(update={"backend": model_reference(nl.backend, {}, workspace, "NL captioner", dirs)})
     return config.model_copy(update={"tagger": tagger, "nl": nl})
 
 

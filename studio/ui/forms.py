@@ -70,18 +70,19 @@ def named_parameters(fn: Callable, names: tuple[str, ...], required: tuple[str, 
     return wrapper
 
 
-def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: str) -> str:
-    """A file named in the UI: a bare name found in one of `search_dirs`, or a path inside the
-    workspace. The app never reads files outside its workspace."""
+def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: str,
+                   model_dirs: tuple[Path, ...] = ()) -> str:
+    """A file named in the UI: a bare name found in one of `search_dirs`, or a path, that lies in
+    the workspace (or a --model-dir) once symlinks and `..` are resolved."""
     value = value.strip()
     path = Path(value).expanduser()
+    roots = (workspace, *model_dirs)
     if path.name == value:  # a bare file name: look in the usual folders
-        for folder in search_dirs:
-            if (folder / value).is_file():
-                return str((folder / value).resolve())
-    if not path.is_absolute():
+        found = next((folder / value for folder in search_dirs if (folder / value).is_file()), None)
+        path = found or workspace / path  # a link there out of the workspace is refused below
+    elif not path.is_absolute():
         path = workspace / path
-    if not inside(path, workspace):
+    if not any(inside(path, root) for root in roots):
         raise ConfigError(f"{what} {value} is outside the workspace ({workspace}); copy it into {search_dirs[0]}")
     return str(path.resolve())
 
@@ -98,7 +99,8 @@ def check_text(values: dict, names) -> None:
             raise ConfigError(f"{name}: expected text, got {type(value).__name__} {str(value)[:40]!r}")
 
 
-def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: dict) -> dict:
+def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: dict,
+                  model_dirs: tuple[Path, ...] = ()) -> dict:
     """The Generate tab's flat form as GenerateConfig fields (nested style, LoRA list, hires)."""
     check_text(values, GENERATE_TEXT_FIELDS)
     form = {k: values[k] for k in ("prompt", "negative_prompt", "model", "vae", "width", "height", "steps",
@@ -106,11 +108,11 @@ def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: di
     for name in ("width", "height", "steps", "seed", "batch_size", "batch_count"):
         if form[name] is not None:
             form[name] = int(form[name])
-    form["model"] = model_reference(form["model"], catalog, workspace)
-    form["vae"] = model_reference(form["vae"], {}, workspace, what="VAE")
+    form["model"] = model_reference(form["model"], catalog, workspace, model_dirs=model_dirs)
+    form["vae"] = model_reference(form["vae"], {}, workspace, what="VAE", model_dirs=model_dirs)
     form["style"] = {name: values[name] for name in STYLE_FIELDS}
     form["loras"] = [
-        {"path": workspace_file(values[f"lora_{i}"], [loras_dir], workspace, "LoRA"),
+        {"path": workspace_file(values[f"lora_{i}"], [loras_dir], workspace, "LoRA", model_dirs),
          "weight": float(values[f"lora_{i}_weight"])}
         for i in range(1, LORA_SLOTS + 1)
         if values.get(f"lora_{i}")

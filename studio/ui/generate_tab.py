@@ -194,8 +194,8 @@ def _config(ctx: AppContext, values: tuple):
     values = as_dict(GENERATE_FIELDS, values)
     check_text(values, GENERATE_TEXT_FIELDS)
     check_visitor_form(ctx, values)
-    form = generate_form(values, loras_dir=ctx.settings.loras_dir,
-                         workspace=ctx.settings.workspace, catalog=ctx.manager.catalog)
+    form = generate_form(values, loras_dir=ctx.settings.loras_dir, workspace=ctx.settings.workspace,
+                         catalog=ctx.manager.catalog, model_dirs=ctx.settings.model_dirs)
     return config_from_form(form, ctx.manager, ctx.settings.default_model)
 
 
@@ -316,7 +316,8 @@ def on_lora_refresh(ctx: AppContext):
 def _axis_values(ctx: AppContext, kind: str, text: str) -> list:
     values = [v.strip() for v in (text or "").split(",") if v.strip()]
     if kind == "lora":
-        return [workspace_file(v, [ctx.settings.loras_dir], ctx.settings.workspace, "LoRA") for v in values]
+        return [workspace_file(v, [ctx.settings.loras_dir], ctx.settings.workspace, "LoRA", ctx.settings.model_dirs)
+                for v in values]
     return values
 
 

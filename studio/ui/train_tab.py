@@ -140,8 +140,9 @@ def config_models_inside(ctx: AppContext, config):
 
     workspace = ctx.settings.workspace
     return config.model_copy(update={
-        "pretrained_model": model_reference(config.pretrained_model, ctx.manager.catalog, workspace, "base model"),
-        "vae": model_reference(config.vae, {}, workspace, "VAE"),
+        "pretrained_model": model_reference(config.pretrained_model, ctx.manager.catalog, workspace, "base model",
+                                            ctx.settings.model_dirs),
+        "vae": model_reference(config.vae, {}, workspace, "VAE", ctx.settings.model_dirs),
     })
 
 
