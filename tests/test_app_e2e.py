@@ -233,3 +233,22 @@ def test_the_file_route_serves_only_what_the_page_shows(client, app_server):
     assert status(output) == 200 and Path(image).is_file()
     assert status(private) == 404 and status(hidden) == 404
     assert status(app_server.workspace / "presets" / "missing.toml") == 404
+
+
+def test_a_huge_caption_is_skipped_not_tokenized(client, app_server):
+    import time
+
+    from tests.train_fixtures import make_dataset
+
+    folder = make_dataset(app_server.workspace / "datasets" / "huge-caption")
+    with open(folder / "img0.txt", "w") as fh:  # 8 MB where a caption should be
+        fh.write("1girl, " * 1_200_000)
+    summary, details = client.predict("huge-caption", tagger="demo-tagger", api_name="/caption")
+    assert any(name == "img0.png" and "over the 64 KB limit" in why for name, why in details["skipped"]), summary
+    run_dir, started = client.predict("huge-caption", preset="demo-sdxl", max_train_steps=1, api_name="/train")
+    deadline = time.monotonic() + 240
+    while (details := client.predict(api_name="/train_status")[1])["state"] in ("running", "stopping"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert details["state"] == "done", details
+    assert (folder / "img0.txt").stat().st_size > 8_000_000, "the file itself is left alone"
