@@ -210,3 +210,22 @@ def test_after_fork_replans_loaded_models_for_the_worker_device(demo_models_dir)
     assert record.locks == 0 and not record.placed and record.execution_device == manager.device.execution_device
     with manager.gpu_lane("generation"), manager.use(record):
         assert record.resident
+
+
+def test_stop_ends_a_grid_within_its_current_cell(demo_manager, tmp_path):
+    stop = threading.Event()
+    base = gen_config(model="demo-sdxl", width=64, height=64, steps=20, seed=3)
+    grid = GridConfig(base=base, x={"kind": "seed", "values": [1, 2, 3]}, y={"kind": "cfg", "values": [4, 6]})
+    reports = []
+
+    def report(fraction, message):
+        reports.append(message)
+        if len(reports) == 5:  # Stop pressed during the first cell
+            stop.set()
+
+    with pytest.raises(JobStopped):
+        run_grid(demo_manager, grid, outputs_dir=tmp_path, default_model="demo-sdxl", report=report, stop=stop)
+    assert all(message.startswith("cell 1/6") for message in reports), reports
+    assert not list(tmp_path.rglob("grid-*.png"))
+    with demo_manager.gpu_lane("check", exclusive=True):  # the lane is free again (else BusyError at once)
+        pass
