@@ -69,21 +69,18 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 train = train_tab.build(tabs_ctx)
             with gr.Tab("Generate", id="generate"):
                 tab = generate_tab.build(tabs_ctx)
-        # the status panel (not its Unload button)
-        for_visitors = [fn for fn in app.fns.values() if fn.api_name != "unload_models"]
+        status_events = [fn for fn in app.fns.values() if fn.api_name != "unload_models"]  # not Unload
         caption_tab.wire(tabs_ctx, caption)
         train_tab.wire(tabs_ctx, train, generate=tab, tabs=tabs)
-        before = set(app.fns)
+        before = set(app.fns)  # what follows is for signed-out visitors too
         generate_tab.wire(tabs_ctx, tab)
-        for_visitors += [fn for key, fn in app.fns.items() if key not in before]
-        for_visitors += train_tab.read_only_events(app, train)
-        before = set(app.fns)
         lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab)]
         app.load(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False)
         if ctx.settings.multi_user:  # signed out: the Generate tab only
             app.load(partial(visitor_tabs, tabs_ctx), outputs=[caption_page, train_page, tabs],
                      api_visibility="private", queue=False)
-        for_visitors += [fn for key, fn in app.fns.items() if key not in before]
+        for_visitors = [*status_events, *train_tab.read_only_events(app, train),
+                        *(fn for key, fn in app.fns.items() if key not in before)]
     if ctx.settings.multi_user:
         from studio.ui.users import guard_visitors
 

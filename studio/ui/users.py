@@ -7,9 +7,10 @@ Three pieces, all keyed on the signed-in user that Gradio's OAuth keeps in the s
   whoever sent the request being handled (Gradio's request context variable; jobs started by a
   handler keep it, see studio.jobs).
 - `guard_visitors`: wraps every event handler that is not for visitors so that it refuses them.
-- `WorkspaceFileGuard`: Gradio's file route serves from the workspace only the signed-in user's
-  own folder. (Images shown in the page are copies in Gradio's cache, under a hash of their
-  content, so the page never needs more.)
+- `WorkspaceFileGuard`: Gradio's file route serves from the workspace only the folders the page
+  shows, and on a multi-user Space only those of the signed-in user's own folder. (Images shown
+  in the page are copies in Gradio's cache, under a hash of their content, so it needs no more.)
+  It is used locally too, without the per-user part.
 """
 
 from __future__ import annotations
