@@ -54,3 +54,23 @@ def test_random_hostile_values_never_break_the_server(server):
         assert server.process.poll() is None, f"the server died on {name} {kwargs}:\n{server.output()[-3000:]}"
     assert client.predict(api_name="/train_status"), "the server still answers"
     assert not unclear, unclear
+
+
+@pytest.mark.parametrize("endpoint, kwargs, message", [
+    ("/generate", {"prompt": "1girl", "width": 100000}, "width: Value 100000 is greater than maximum value 2048"),
+    ("/generate", {"prompt": "1girl", "steps": "abc"}, "steps: expected a number, got 'abc'"),
+    ("/generate", {"prompt": "1girl", "sampler": "bogus"}, "sampler: Value: bogus is not in the list of choices"),
+    ("/caption", {"dataset": "x", "general_threshold": 5}, "general_threshold: Value 5 is greater than maximum"),
+    ("/grid", {"x_axis": "bogus", "x_values": "1", "y_axis": "", "y_values": "", "prompt": "a"},
+     "x_axis: Value: bogus is not in the list of choices"),
+])
+def test_values_gradio_refuses_itself_name_the_field(server, endpoint, kwargs, message):
+    """Gradio checks slider ranges and dropdown choices before a handler runs; its refusal names
+    the API field (Gradio alone says "component at index 6")."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server.url, verbose=False, analytics_enabled=False)
+    with pytest.raises(AppError) as error:
+        client.predict(api_name=endpoint, **kwargs)
+    assert message in str(error.value)

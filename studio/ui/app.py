@@ -9,6 +9,7 @@ import gradio as gr
 
 from studio.context import AppContext
 from studio.ui import caption_tab, generate_tab, status, train_tab
+from studio.ui.forms import name_input_errors
 
 CSS_FILE = "assets/studio.css"
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -85,6 +86,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         from studio.ui.users import guard_visitors
 
         guard_visitors(app, tabs_ctx, for_visitors)
+    name_input_errors(app)
     app.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return app
 

@@ -121,3 +121,52 @@ def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: di
         form["hires"] = {"scale": values["hires_scale"], "denoise": values["hires_denoise"],
                          "steps": int(values["hires_steps"])}
     return form
+
+
+def input_names(app) -> dict[int, str]:
+    """Each input component's name as the API documents it (the handler's parameter name), else
+    its label: what a refusal of its value should say."""
+    names: dict[int, str] = {}
+    public_first = sorted(app.fns.values(), key=lambda fn: getattr(fn, "api_visibility", "") != "public")
+    for fn in public_first:
+        try:
+            params = [name for name, p in inspect.signature(fn.fn).parameters.items()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if fn.fn else []
+        except (TypeError, ValueError):
+            params = []
+        for index, block in enumerate(fn.inputs):
+            if index < len(params) and not params[index].startswith("_") and block._id not in names:
+                names[block._id] = params[index]
+    for block in app.blocks.values():
+        label = getattr(block, "label", None)
+        if block._id not in names and isinstance(label, str) and label:
+            names[block._id] = label
+    return names
+
+
+def name_input_errors(app) -> None:
+    """Gradio refuses a value outside a slider's range or a dropdown's choices itself, before any
+    handler runs, with "Value 100000 is greater than maximum value 2048." or "Could not preprocess
+    input component at index 6": the refusal names the field instead (`width: ...`)."""
+    import gradio as gr
+
+    for block_id, name in input_names(app).items():
+        block = app.blocks.get(block_id)
+        if block is None or not hasattr(block, "preprocess") or getattr(block, "_names_errors", False):
+            continue
+        expected = "a number" if isinstance(block, (gr.Slider, gr.Number)) else f"a {type(block).__name__} value"
+        block.preprocess = _naming(block.preprocess, name, expected, gr.Error)
+        block._names_errors = True
+
+
+def _naming(preprocess: Callable, name: str, expected: str, error: type) -> Callable:
+    @functools.wraps(preprocess)
+    def wrapper(payload):
+        try:
+            return preprocess(payload)
+        except error as exc:
+            raise error(f"{name}: {exc.message}") from None
+        except Exception as exc:  # noqa: BLE001 - a wrong-typed value: say which field and what came
+            raise error(f"{name}: expected {expected}, got {str(payload)[:60]!r}") from None
+
+    return wrapper
