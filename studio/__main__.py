@@ -128,14 +128,16 @@ def kohya_layers(args: argparse.Namespace, overrides: dict) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from studio.models.catalog import load_catalog
     from studio.training.runs import new_run_dir, read_run_config, write_run_config
     from studio.training.trainer import train
 
+    paths = command_line_paths(args)
     if args.resume:
-        run_dir = args.resume
+        run_dir = paths.folder(str(args.resume), [], "run")
         config = read_run_config(run_dir)
         if args.config or args.preset or args.import_kohya or train_overrides(args):
-            changed = resolve_train_config(args)
+            changed = paths.train_config(resolve_train_config(args), load_catalog())
             from studio.training.checkpoint import check_resumable, list_states
 
             states = list_states(run_dir)
@@ -147,7 +149,8 @@ def run_train(args: argparse.Namespace) -> int:
             print("error: give a CONFIG.toml, --preset NAME or --import-kohya FILE", file=sys.stderr)
             return 2
         config = resolve_train_config(args, presets_root=args.workspace / "presets")
-        run_dir = args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)
+        run_dir = (args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)).absolute()
+    config = paths.train_config(config, load_catalog())  # absolute paths: a resume from elsewhere finds them
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun, one bar
     if main_process:
         write_run_config(run_dir, config)
@@ -194,10 +197,9 @@ def run_caption(args: argparse.Namespace) -> int:
     from studio.models.manager import ModelManager
     from studio.schemas import validate
 
-    if not args.dataset.is_dir():
-        print(f"error: {args.dataset} is not a folder", file=sys.stderr)
-        return 2
-    config = validate(CaptionConfig, caption_form(args))
+    paths = command_line_paths(args)
+    args.dataset = paths.folder(str(args.dataset), [], "dataset")
+    config = paths.caption_config(validate(CaptionConfig, caption_form(args)))
     manager = ModelManager(args.workspace / "models", requested_policy=args.vram)
     with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {desc}", dynamic_ncols=True) as bar:
 
@@ -250,7 +252,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from studio.models.manager import ModelManager
 
     manager = ModelManager(args.workspace / "models", requested_policy=args.vram)
-    config = config_from_form(generate_form(args), manager, default_model=args.model)
+    paths, form = command_line_paths(args), generate_form(args)
+    form["model"] = paths.model(form["model"], manager.catalog)
+    form["vae"] = paths.model(form["vae"], (), "VAE")
+    form["loras"] = [{**lora, "path": paths.file(lora["path"], [args.workspace / "loras"], "LoRA")}
+                     for lora in form["loras"]]
+    config = config_from_form(form, manager, default_model=form["model"])
     out = args.out or args.workspace / "outputs"
     with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {desc}", dynamic_ncols=True) as bar:
 
@@ -259,12 +266,20 @@ def run_generate(args: argparse.Namespace) -> int:
                 bar.n = round(fraction * 100, 1)
             bar.set_description_str(message)
 
-        result = generate(manager, config, outputs_dir=out, default_model=args.model, report=report)
+        result = generate(manager, config, outputs_dir=out, default_model=config.model, report=report)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for image in result.images:
         print(image.path)
     return 0
+
+
+def command_line_paths(args: argparse.Namespace):
+    """The same resolver as the app's requests, for the person who owns the machine: the paths on
+    their command line and in the config files it names may lie anywhere (see studio.paths)."""
+    from studio.paths import Resolver
+
+    return Resolver.command_line(args.workspace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk or a folder it may not write: one line, not a traceback
+        from studio.errors import write_error
+
+        print(f"error: {write_error(exc.filename or 'a file', exc)}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
     return 2

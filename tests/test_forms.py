@@ -1,5 +1,7 @@
 """Form -> config conversion and the workspace boundary for files named in the UI."""
 
+from pathlib import Path
+
 import pytest
 
 from studio.errors import ConfigError
@@ -48,7 +50,7 @@ def test_files_outside_the_workspace_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("reference", ["studio/../../../etc", "/etc", "/no/such/dir", "linked-out",
-                                       "studio/models", "../x.safetensors"])
+                                       "../x.safetensors", "./studio/models"])
 def test_model_paths_outside_the_workspace_get_one_message(tmp_path, reference):
     (tmp_path / "linked-out").symlink_to("/etc")
     for field in ("model", "vae"):
@@ -64,6 +66,17 @@ def test_model_references_that_stay(tmp_path):
     (tmp_path / "linked-out").symlink_to("/etc")
     assert convert(form_values(model="linked-out/x"), tmp_path)["model"] == "linked-out/x", "a repo id, not /etc/x"
     assert convert(form_values(model="models/mine"), tmp_path)["model"] == str((tmp_path / "models" / "mine").resolve())
+
+
+def test_a_repo_id_is_never_a_folder_beside_the_app(tmp_path):
+    """`studio/models` is a folder of the app's own checkout: a request naming it gets a repo id
+    (the same answer whether such a folder exists or not), and the loader asks the hub for it."""
+    from studio.models.catalog import load_catalog, resolve_reference
+
+    assert Path("studio/models").is_dir(), "the tests run from the checkout"
+    for reference in ("studio/models", "nosuch/folder"):
+        assert convert(form_values(model=reference), tmp_path)["model"] == reference
+        assert resolve_reference(reference, load_catalog()).kind == "hub"
 
 
 def test_as_dict_refuses_a_mismatched_form():

@@ -247,3 +247,11 @@ def test_start_stop_and_resume_a_run(ctx):
     assert details["state"] == "done" and details["step"] == 30
     with pytest.raises(gr.Error, match="finished all its steps"):
         tab.on_resume(ctx, run.value)
+
+
+def test_a_preset_saved_from_the_form_cannot_point_outside_the_workspace(ctx):
+    """Presets are read later by the CLI too: a request cannot plant a base model path there."""
+    values = form_dict(ctx, datasets=[], pretrained_model="/etc")
+    with pytest.raises(gr.Error, match="base model '/etc' is not usable"):
+        tab.on_save_preset(ctx, "planted", *form_tuple(values))
+    assert not (ctx.settings.workspace / "presets" / "train" / "planted.toml").exists()

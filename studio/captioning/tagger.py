@@ -80,7 +80,8 @@ def resolve_tagger(ref: str, models_dir: Path, progress: Progress = _noop) -> Pa
 
         progress(None, "building the demo tagger (first use only)")
         return ensure_demo_tagger(models_dir)
-    if ref not in KNOWN_TAGGERS and Path(ref).expanduser().is_dir():
+    local = Path(ref).expanduser()  # a relative owner/name is a repo id, never a folder beside the app
+    if ref not in KNOWN_TAGGERS and (local.is_absolute() or not HUB_ID.match(ref)) and local.is_dir():
         folder = Path(ref).expanduser()
         if missing := _missing_files(folder):
             raise ModelNotFoundError(

@@ -137,6 +137,12 @@ def resolve_reference(
         location = entry.source.removeprefix("demo:") if kind == "demo" else entry.source
         return ModelSource(ref, entry.family, kind, location, vae, None, dict(entry.defaults), entry.demo)
     path = Path(ref).expanduser()
+    if HUB_ID.match(ref) and not path.is_absolute() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+        # owner/name is a repo id, never a folder relative to wherever the app runs: entry points
+        # hand local paths over absolute (studio.paths). A catalog model typed by its repo id
+        # belongs to that entry's family (an Anima repo id must not go to the SDXL loader).
+        family = next((e.family for e in catalog.values() if e.source == ref), family)
+        return ModelSource(ref.split("/")[-1], family, "hub", ref, vae)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         check_not_pickle(path)
     if path.is_dir():
@@ -151,11 +157,6 @@ def resolve_reference(
         if not path.is_file():
             raise ModelNotFoundError(f"checkpoint file not found: {path}")
         return ModelSource(path.stem, family_of_checkpoint(path, family), "single_file", str(path.resolve()), vae)
-    if HUB_ID.match(ref) and not path.exists():
-        # A catalog model typed by its repo id belongs to that entry's family (an Anima repo id
-        # must not go to the SDXL loader); other repo ids to the family asked for.
-        family = next((e.family for e in catalog.values() if e.source == ref), family)
-        return ModelSource(ref.split("/")[-1], family, "hub", ref, vae)
     raise ModelNotFoundError(
         f"{ref!r} is not a catalog model ({', '.join(catalog)}), an existing diffusers folder, "
         "a .safetensors file, or a hub repo id like 'cagliostrolab/animagine-xl-3.1'."

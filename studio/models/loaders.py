@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.errors import ModelNotFoundError, UnsafeCheckpointError
-from studio.models.catalog import ModelSource, check_not_pickle, family_of_folder, folder_index
+from studio.models.catalog import HUB_ID, ModelSource, check_not_pickle, family_of_folder, folder_index
 
 Progress = Callable[[float | None, str], None]
 
@@ -69,7 +69,11 @@ def tqdm_reporting(progress: Progress, what: str):
     return ReportingTqdm
 
 
-def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop) -> Path:
+VLM_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.gguf"]
+
+
+def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop,
+                      ignore: list[str] | None = None) -> Path:
     """Fetch (or find in the cache) a diffusers repo; offline and not cached gives a clear message."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -77,9 +81,9 @@ def download_from_hub(repo_id: str, models_dir: Path, progress: Progress = _noop
     try:
         folder = snapshot_download(
             repo_id,
-            allow_patterns=HUB_ALLOW,  # into the standard Hugging Face cache (HF_HOME), where a
-            # Space's preload_from_hub put its files and persistent storage keeps them
-            ignore_patterns=HUB_IGNORE,
+            allow_patterns=None if ignore else HUB_ALLOW,  # into the standard Hugging Face cache
+            # (HF_HOME), where a Space's preload_from_hub put its files and persistent storage keeps them
+            ignore_patterns=ignore or HUB_IGNORE,
             tqdm_class=tqdm_reporting(progress, repo_id),
         )
     except LocalEntryNotFoundError:
@@ -115,7 +119,11 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
         folder = resolve_tagger(source.location, models_dir, progress)
         return ModelSource(source.name, "tagger", "folder", str(folder), demo=source.demo)
     if source.family == "vlm":
-        return source  # transformers resolves hub ids and folders itself (through its cache)
+        if HUB_ID.match(source.location) and not Path(source.location).is_absolute():
+            # fetched here, so transformers gets a folder and never reads owner/name beside the app
+            folder = download_from_hub(source.location, models_dir, progress, ignore=VLM_IGNORE)
+            return ModelSource(source.name, "vlm", "folder", str(folder), demo=source.demo)
+        return source
     if source.kind == "demo" and source.location == "anima":
         from studio.models.demo_anima import ensure_demo_anima
 

@@ -13,7 +13,7 @@ from studio.captioning.run import CaptionConfig
 from studio.captioning.tagger import DEFAULT_TAGGER, DEMO_TAGGER, KNOWN_TAGGERS
 from studio.dataset.captions import split_tags
 from studio.errors import ConfigError
-from studio.fileio import inside
+from studio.paths import Resolver
 from studio.presets import PresetStore
 from studio.schemas import validate
 from studio.settings import Settings
@@ -215,18 +215,14 @@ def dataset_choices(settings: Settings) -> list[str]:
 def dataset_path(settings: Settings, value: str) -> Path:
     """The dataset folder a form names: a folder name under workspace/datasets, or a path in the
     workspace (relative to it, or absolute). It must exist and lie inside the workspace."""
-    value = (value or "").strip()
-    if not value:
+    if not (value or "").strip():
         raise ConfigError("choose a dataset folder first (or type a new name and press Create)")
-    path = Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [settings.datasets_dir / path, settings.workspace / path]
-    for candidate in candidates:
-        if not inside(candidate, settings.workspace):
-            raise ConfigError(f"dataset {value} is outside the workspace; put it under {settings.datasets_dir}")
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise ConfigError(f"there is no dataset folder {value!r} in {settings.datasets_dir}: "
-                      "type a new name and press Create, or upload images into it")
+    try:
+        return Resolver.for_settings(settings).folder(value, [settings.datasets_dir], "dataset")
+    except ConfigError as exc:
+        if str(exc).startswith("there is no"):
+            raise ConfigError(f"{exc}: type a new name and press Create, or upload images into it") from None
+        raise
 
 
 def is_new_dataset_name(settings: Settings, name: str) -> bool:

@@ -490,18 +490,11 @@ def caption_models_inside(ctx: AppContext, config):
     """The tagger and a local VLM: known names, repo ids or paths inside the workspace; an NL
     caption server: one the owner allows, when strangers can reach the app."""
     from studio.captioning.run import OPENAI_PREFIX
-    from studio.captioning.tagger import DEMO_TAGGER, KNOWN_TAGGERS
-    from studio.paths import model_reference
+    from studio.paths import Resolver
 
-    workspace = ctx.settings.workspace
-    dirs = ctx.settings.model_dirs
-    tagger = model_reference(config.tagger, {*KNOWN_TAGGERS, DEMO_TAGGER}, workspace, "tagger", dirs)
-    nl = config.nl
-    if nl.backend.startswith(OPENAI_PREFIX):
-        ctx.settings.check_nl_server(nl.backend.removeprefix(OPENAI_PREFIX).rpartition("#")[0])
-    elif nl.backend not in ("none", ""):
-        nl = nl.model_copy(update={"backend": model_reference(nl.backend, {}, workspace, "NL captioner", dirs)})
-    return config.model_copy(update={"tagger": tagger, "nl": nl})
+    if config.nl.backend.startswith(OPENAI_PREFIX):
+        ctx.settings.check_nl_server(config.nl.backend.removeprefix(OPENAI_PREFIX).rpartition("#")[0])
+    return Resolver.for_settings(ctx.settings).caption_config(config)
 
 
 def start_caption(ctx: AppContext, folder: str, values: tuple) -> CaptionRun:

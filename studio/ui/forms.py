@@ -9,8 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from studio.errors import ConfigError
-from studio.fileio import inside
-from studio.paths import model_reference
+from studio.paths import Resolver, model_reference
 
 LORA_SLOTS = 4
 
@@ -72,19 +71,8 @@ def named_parameters(fn: Callable, names: tuple[str, ...], required: tuple[str, 
 
 def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: str,
                    model_dirs: tuple[Path, ...] = ()) -> str:
-    """A file named in the UI: a bare name found in one of `search_dirs`, or a path, that lies in
-    the workspace (or a --model-dir) once symlinks and `..` are resolved."""
-    value = value.strip()
-    path = Path(value).expanduser()
-    roots = (workspace, *model_dirs)
-    if path.name == value:  # a bare file name: look in the usual folders
-        found = next((folder / value for folder in search_dirs if (folder / value).is_file()), None)
-        path = found or workspace / path  # a link there out of the workspace is refused below
-    elif not path.is_absolute():
-        path = workspace / path
-    if not any(inside(path, root) for root in roots):
-        raise ConfigError(f"{what} {value} is outside the workspace ({workspace}); copy it into {search_dirs[0]}")
-    return str(path.resolve())
+    """A file a request names (see Resolver.file)."""
+    return Resolver(workspace, tuple(model_dirs)).file(value, search_dirs, what)
 
 
 GENERATE_TEXT_FIELDS = ("prompt", "negative_prompt", "model", "vae", "sampler", "aesthetic", "year", "rating",

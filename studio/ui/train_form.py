@@ -137,8 +137,12 @@ def form_values(config: TrainConfig) -> dict:
 def save_preset(values: dict, settings: Settings, name: str) -> Path:
     """Save the form as the user's train preset `name`: the recipe (what differs from the
     defaults), not this run's datasets and name. No dataset needs to be chosen for it."""
+    from studio.models.catalog import load_catalog
+    from studio.paths import Resolver
+
     preset, overrides = form_overrides(values, [])
-    recipe = preset_config(settings, preset, overrides).model_dump(mode="json", exclude_none=True)
+    config = Resolver.for_settings(settings).train_config(preset_config(settings, preset, overrides), load_catalog())
+    recipe = config.model_dump(mode="json", exclude_none=True)  # its model paths lie in the workspace
     defaults = preset_config(settings, "").model_dump(mode="json", exclude_none=True)
     for key in ("datasets", "output_name"):
         recipe.pop(key), defaults.pop(key)

@@ -135,15 +135,10 @@ def on_save_preset(ctx: AppContext, name: str, *values):
 
 # -- handlers: the job ----------------------------------------------------------------------------
 def config_models_inside(ctx: AppContext, config):
-    """The run's base model and VAE: catalog names, repo ids or paths inside the workspace."""
-    from studio.paths import model_reference
+    """The run's base model, VAE and datasets: catalog names, repo ids or paths inside the workspace."""
+    from studio.paths import Resolver
 
-    workspace = ctx.settings.workspace
-    return config.model_copy(update={
-        "pretrained_model": model_reference(config.pretrained_model, ctx.manager.catalog, workspace, "base model",
-                                            ctx.settings.model_dirs),
-        "vae": model_reference(config.vae, {}, workspace, "VAE", ctx.settings.model_dirs),
-    })
+    return Resolver.for_settings(ctx.settings).train_config(config, ctx.manager.catalog)
 
 
 def _start(ctx: AppContext, config, run_dir: Path, resume: bool) -> Job:

@@ -124,7 +124,7 @@ def list_runs(runs_dir: Path) -> list[Path]:
 def run_folder(runs_dir: Path, name: str | None) -> Path:
     name = (name or "").strip()
     path = runs_dir / name
-    if not name or not inside(path, runs_dir) or not (path / "config.toml").is_file():
+    if not name or not inside(path, runs_dir) or not (path / "config.toml").is_file():  # only runs_dir's runs
         raise ConfigError(f"no training run {name!r} in {runs_dir}: pick one from the Run list")
     return path
 
