@@ -255,3 +255,34 @@ def test_a_preset_saved_from_the_form_cannot_point_outside_the_workspace(ctx):
     with pytest.raises(gr.Error, match="base model '/etc' is not usable"):
         tab.on_save_preset(ctx, "planted", *form_tuple(values))
     assert not (ctx.settings.workspace / "presets" / "train" / "planted.toml").exists()
+
+
+def test_stop_during_latent_caching_ends_the_job_within_seconds_and_frees_the_gpu_lane(ctx, monkeypatch):
+    import threading
+
+    from studio.training.cache import LatentCache
+
+    make_dataset(ctx.settings.datasets_dir / "chars", count=12)
+    encoding = threading.Event()
+    real_get = LatentCache.get
+
+    def slow_get(self, sample, flip):  # a real encode, then the time a large VAE would take
+        encoding.set()
+        result = real_get(self, sample, flip)
+        time.sleep(1.0)
+        return result
+
+    monkeypatch.setattr(LatentCache, "get", slow_get)
+    values = form_dict(ctx, max_train_steps=30, sample_every_n_steps=0, sample_prompts="", validation_images=0,
+                       cache_latents=True)
+    run, _ = tab.on_start(ctx, *form_tuple(values))
+    job = ctx.jobs.latest("train")
+    assert encoding.wait(120), "caching began"
+    pressed = time.monotonic()
+    tab.on_stop(ctx)
+    job.wait(60)
+    assert time.monotonic() - pressed < 5, "12 images x 1 s of encoding were not waited for"
+    assert job.state in ("done", "stopped") and "stopped while caching" in job.message
+    assert view.last_event(ctx.settings.runs_dir / run.value, "step") is None, "nothing trained"
+    with ctx.manager.gpu_lane("check", exclusive=True):  # free again (a held lane raises BusyError at once)
+        pass

@@ -106,6 +106,8 @@ def _fill_caches(samples, latent_cache, text_cache, sampler, config, log: EventL
         if done % 8 == 0 or done == len(work):
             log.emit("message", 0, 0, text=f"caching latents {done}/{total}", fraction=done / total)
     for done, caption in enumerate(captions, len(work) + 1):
+        if stop is not None and stop.is_set():
+            raise _Stopped()
         text_cache.get(caption)
     if captions:
         log.emit("message", 0, 0, text=f"cached {len(captions)} text-encoder outputs", fraction=1.0)
@@ -163,6 +165,8 @@ def train(
     # 3. The model, its network, the caption sampler and the caches.
     model, source = _load_model(config, models_dir, accelerator.device, _weight_dtype(precision),
                                 lambda f, m: log.emit("message", 0, 0, text=m))
+    if stop is not None and stop.is_set():  # pressed while the model loaded
+        return RunResult("stopped", 0, run_dir, [], "stopped while loading the model; nothing trained yet")
     groups = model.add_network()
     sampler = _caption_sampler(config)
     latent_cache, text_cache, note = _caches(config, model, sampler, cache_dir)
