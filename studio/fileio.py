@@ -57,6 +57,8 @@ def write_new_numbered(folder: Path, name_for: Callable[[int], str], write: Call
                 continue
             os.replace(tmp, target)
             return target
+    except Exception as exc:
+        raise (write_error(folder / name_for(start), exc) or exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.errors import JobStopped, StudioError
+from studio.errors import JobStopped, StudioError, write_error
 
 _ids = itertools.count(1)
 
@@ -97,6 +97,8 @@ class Job:
             self.state, self.message = "stopped", str(exc)
         except StudioError as exc:
             self.state, self.error = "failed", str(exc)
+        except OSError as exc:  # a full disk or a folder it may not write: one clear line
+            self.state, self.error = "failed", str(write_error(exc.filename or "a file", exc))
         except Exception as exc:  # a bug: keep the app alive, show what happened
             self.state = "failed"
             self.error = f"{exc.__class__.__name__}: {exc}"

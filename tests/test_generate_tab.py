@@ -58,3 +58,46 @@ def test_choosing_a_catalog_model_brings_its_defaults_and_samplers(tmp_path):
     assert len(sampler.choices) == 7
     untouched = on_model_change(ctx, "someone/some-model")
     assert all(isinstance(v, type(gr.skip())) for v in untouched[:5])
+
+
+def test_a_full_disk_is_one_clear_error_in_the_ui_and_loses_nothing(tmp_path, demo_models_dir, monkeypatch):
+    """The image is written, the disk fills up on the next: the UI shows one line naming the
+    file and what to do, the earlier image is intact, no temporary file is left, and the next
+    generation (disk freed) works."""
+    import errno
+
+    from PIL import Image
+
+    from studio.context import AppContext
+    from studio.jobs import JobRunner
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+    from studio.settings import Settings
+    from studio.ui.generate_tab import api_generate
+    from tests.test_forms import form_values
+
+    settings = Settings(workspace=tmp_path / "ws", demo=True)
+    settings.ensure_workspace()
+    ctx = AppContext(settings, ModelManager(demo_models_dir, requested_policy="cpu", device=DeviceInfo("cpu", "CPU")),
+                     JobRunner())
+    values = form_values(width=64.0, height=64.0, steps=2.0, batch_count=1, seed=5.0)
+    first = api_generate(ctx, *(values[name] for name in GENERATE_FIELDS))
+    kept = {p: p.read_bytes() for p in settings.outputs_dir.rglob("*.png")}
+    assert len(first) == 1 and len(kept) == 1
+
+    real_save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(gr.Error) as error:
+        api_generate(ctx, *(values[name] for name in GENERATE_FIELDS))
+    message = str(error.value.message)
+    assert message.startswith("could not write ") and "No space left on device" in message
+    assert "free some disk space" in message and "Traceback" not in message and "\n" not in message
+    assert {p: p.read_bytes() for p in settings.outputs_dir.rglob("*.png")} == kept
+    assert not [p for p in settings.outputs_dir.rglob("*") if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert len(api_generate(ctx, *(values[name] for name in GENERATE_FIELDS))) == 1
