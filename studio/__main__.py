@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--aesthetic", default="", choices=["", "very aesthetic", "aesthetic", "displeasing", "very displeasing"])
     gen.add_argument("--year", default="", choices=["", "newest", "recent", "mid", "early", "oldest"])
     gen.add_argument("--rating", default="", choices=["", "safe", "sensitive", "nsfw", "explicit"])
+    gen.add_argument("--score", default="", choices=["", *(f"score_{n}" for n in range(9, 0, -1))],
+                     help="Anima: this score tag in place of score_7")
+    gen.add_argument("--artist", default="", help="Anima: an artist, written @name after your tags")
     gen.add_argument("--hires-scale", type=float, help="enable the hires pass with this upscale factor")
     gen.add_argument("--hires-denoise", type=float, default=0.55)
     gen.add_argument("--hires-steps", type=int, default=15)
@@ -235,6 +238,8 @@ def generate_form(args: argparse.Namespace) -> dict:
             "aesthetic": args.aesthetic,
             "year": args.year,
             "rating": args.rating,
+            "score": args.score,
+            "artist": args.artist,
         },
     }
     for name in ("steps", "cfg_scale", "sampler", "width", "height"):

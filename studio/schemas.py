@@ -24,6 +24,7 @@ ANIMAGINE_SIZES: tuple[tuple[int, int], ...] = (
 )
 
 AESTHETIC_TAGS = ("very aesthetic", "aesthetic", "displeasing", "very displeasing")
+SCORE_TAGS = tuple(f"score_{n}" for n in range(9, 0, -1))  # Anima rates with score_9 (best) .. score_1
 YEAR_TAGS = ("newest", "recent", "mid", "early", "oldest")
 RATING_TAGS = ("safe", "sensitive", "nsfw", "explicit")
 MAX_SEED = 2**32 - 1
@@ -43,6 +44,9 @@ class PromptStyle(_Config):
     year: Literal["", "newest", "recent", "mid", "early", "oldest"] = ""
     rating: Literal["", "safe", "sensitive", "nsfw", "explicit"] = ""
     default_negative: bool = True  # merge the model's recommended negative prompt
+    # Anima's own: a score tag in place of the default score_7, and an artist (written `@name`)
+    score: Literal["", *SCORE_TAGS] = ""
+    artist: str = Field("", max_length=100, pattern=r"^[^,\n]*$")
 
 
 class LoraSpec(_Config):

@@ -5,7 +5,7 @@ import pytest
 
 from studio.generation.infotext import format_infotext
 from studio.ui.forms import GENERATE_FIELDS
-from studio.ui.generate_tab import on_preview, on_size, png_to_form
+from studio.ui.generate_tab import PREVIEW_STYLE, on_builder, on_preview, on_size, png_to_form
 
 FIELDS = [n for n in GENERATE_FIELDS if n not in ("model", "vae") and not n.startswith("lora_")]
 
@@ -32,11 +32,54 @@ def test_png_info_without_parameters_is_refused():
         png_to_form("", FIELDS)
 
 
-def test_preview_shows_the_final_prompt():
-    positive, negative = on_preview("1girl", "", True, "", "newest", "safe", True)
+@pytest.fixture
+def catalog_ctx(tmp_path):
+    """An AppContext whose manager knows the catalog (no model is loaded)."""
+    from studio.context import AppContext
+    from studio.jobs import JobRunner
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+    from studio.settings import Settings
+
+    settings = Settings(workspace=tmp_path / "ws", demo=True)
+    settings.ensure_workspace()
+    return AppContext(settings, ModelManager(tmp_path / "models", requested_policy="cpu",
+                                             device=DeviceInfo("cpu", "CPU")), JobRunner())
+
+
+def preview(ctx, model, prompt, negative="", **style):
+    values = {"quality_tags": True, "aesthetic": "", "year": "", "rating": "", "default_negative": True,
+              "score": "", "artist": "", **style}
+    return on_preview(ctx, model, prompt, negative, *(values[name] for name in PREVIEW_STYLE))
+
+
+def test_preview_shows_the_final_prompt(catalog_ctx):
+    positive, negative = preview(catalog_ctx, "demo-sdxl", "1girl", year="newest", rating="safe")
     assert positive == "1girl, safe, newest, masterpiece, best quality, very aesthetic, absurdres"
     assert negative.startswith("nsfw, lowres")
-    assert on_preview("1girl", "bad", False, "", "", "", False) == ("1girl", "bad")
+    assert preview(catalog_ctx, "demo-sdxl", "1girl", "bad", quality_tags=False, default_negative=False) == (
+        "1girl", "bad")
+
+
+def test_the_preview_and_builder_are_the_model_familys_own(catalog_ctx):
+    """Anima's builder: its prefix, score and @artist; what the preview shows is what is sent."""
+    from studio.generation.generate import family_prompt
+    from studio.schemas import GenerateConfig, PromptStyle
+
+    style = {"score": "score_9", "artist": "wlop", "year": "newest"}
+    positive, negative = preview(catalog_ctx, "demo-anima", "1girl, hatsune miku, vocaloid, smile", **style)
+    assert positive == "newest, masterpiece, best quality, score_9, safe, 1girl, hatsune miku, vocaloid, smile, @wlop"
+    assert negative == "worst quality, low quality, score_1, score_2, score_3, artist name"
+    sent = family_prompt(GenerateConfig(prompt="1girl, hatsune miku, vocaloid, smile",
+                                        style=PromptStyle(quality_tags=True, default_negative=True, **style)), "anima")
+    assert sent == (positive, negative)
+    title, quality, aesthetic, score, artist = on_builder(catalog_ctx, "demo-anima")
+    assert "Anima" in title["label"] and "score_7" in quality["label"]
+    assert (aesthetic["visible"], score["visible"], artist["visible"]) == (False, True, True)
+    title, quality, aesthetic, score, artist = on_builder(catalog_ctx, "demo-sdxl")
+    assert "Animagine" in title["label"] and "absurdres" in quality["label"]
+    assert (aesthetic["visible"], score["visible"], artist["visible"]) == (True, False, False)
+    assert preview(catalog_ctx, "demo-anima", "1girl", artist="a, b")[0].startswith("⚠ ")
 
 
 def test_size_presets_set_width_and_height():

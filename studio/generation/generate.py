@@ -18,7 +18,7 @@ from pathlib import Path
 from studio import __version__
 from studio.errors import JobStopped, LoraError
 from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_new_png
-from studio.generation.prompt import build_anima_prompt, build_prompt
+from studio.generation.prompt import builder_for
 from studio.generation.samplers import SAMPLERS
 from studio.models.manager import ModelManager, ModelRecord
 from studio.schemas import MAX_SEED, GenerateConfig
@@ -109,8 +109,7 @@ def config_for_family(config: GenerateConfig, family: str) -> GenerateConfig:
 
 def family_prompt(config: GenerateConfig, family: str) -> tuple[str, str]:
     """The model's own prompt conventions: Anima's special tags lead, Animagine's follow."""
-    builder = build_anima_prompt if family == "anima" else build_prompt
-    return builder(config.prompt, config.negative_prompt, config.style)
+    return builder_for(family).build(config.prompt, config.negative_prompt, config.style)
 
 
 def runner_for(record: ModelRecord, manager: ModelManager):

@@ -17,6 +17,8 @@ and merges Anima's negative, with the same de-duplication and the same idempoten
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from studio.schemas import AESTHETIC_TAGS, RATING_TAGS, PromptStyle
 
@@ -184,10 +186,16 @@ def build_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[str, s
 
 def _anima_prefix(style: PromptStyle, present: set[str]) -> list[str]:
     """Anima's special tags in its order: period, quality, score, safety. A score or rating the
-    user wrote replaces the default one; an explicit `style.rating` replaces `safe`."""
+    user wrote replaces the default one; an explicit `style.score` replaces score_7 and an
+    explicit `style.rating` replaces `safe`."""
     tags = [ANIMA_PERIODS[style.year]] if style.year else []
+    user_score = any(map(_SCORE_KEY.match, present))
     if style.quality_tags:
-        tags += [t for t in ANIMA_QUALITY_TAGS if not (t.startswith("score_") and any(map(_SCORE_KEY.match, present)))]
+        tags += [t for t in ANIMA_QUALITY_TAGS if not t.startswith("score_")]
+    if style.score:
+        tags.append(style.score)
+    elif style.quality_tags and not user_score:
+        tags += [t for t in ANIMA_QUALITY_TAGS if t.startswith("score_")]
     if style.rating:
         tags.append(style.rating)
     elif style.quality_tags and not present & set(RATING_TAGS):
@@ -198,9 +206,10 @@ def _anima_prefix(style: PromptStyle, present: set[str]) -> list[str]:
 def build_anima_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[str, str]:
     """The final (positive, negative) prompts for Anima, joined with ", ".
 
-    Of `style` (Animagine's special tags), `quality_tags`, `default_negative`, `rating` and
-    `year` apply (Anima was trained on the same rating and period words); `aesthetic` does not:
-    Anima rates with score_N tags instead. The user's tags are kept as written.
+    Of `style`, `quality_tags`, `default_negative`, `rating` and `year` apply (Anima was trained
+    on the same rating and period words), and Anima's own `score` (in place of score_7) and
+    `artist` (`@name`, after the user's tags); `aesthetic` does not: Anima rates with score_N
+    tags instead. The user's tags are kept as written.
     """
     # 1. The user's own tags, in order, exact repeats dropped.
     positive = _without_exact_duplicates(split_tags(prompt))
@@ -211,6 +220,9 @@ def build_anima_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[
     prefix: list[str] = []
     _append_missing(prefix, _anima_prefix(style, positive_keys), positive_keys)
     positive = prefix + positive
+    if style.artist.strip():  # after the user's character and series tags (Anima's order)
+        artist = "@" + style.artist.strip().removeprefix("@")
+        _append_missing(positive, [artist], positive_keys | _all_keys(prefix))
 
     # 3. Anima's negative, leaving out what the positive asks for.
     if style.default_negative:
@@ -218,3 +230,26 @@ def build_anima_prompt(prompt: str, negative: str, style: PromptStyle) -> tuple[
         _append_missing(negative_tags, split_tags(ANIMA_NEGATIVE), taken)
 
     return ", ".join(positive), ", ".join(negative_tags)
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """What the Generate tab's prompt builder shows for a model family, and how it builds."""
+
+    title: str
+    quality_label: str
+    fields: tuple[str, ...]  # the style fields that apply, besides quality, year, rating, negative
+    build: Callable[[str, str, PromptStyle], tuple[str, str]]
+
+
+BUILDERS = {
+    "sdxl": PromptBuilder("Prompt builder: Animagine XL 3.1 special tags",
+                          f"Quality tags ({', '.join(ANIMAGINE_QUALITY_TAGS)})", ("aesthetic",), build_prompt),
+    "anima": PromptBuilder("Prompt builder: Anima special tags (quality, score, period, safety, @artist)",
+                           f"Quality tags ({', '.join(ANIMA_QUALITY_TAGS)}, {ANIMA_SAFETY_TAG})", ("score", "artist"),
+                           build_anima_prompt),
+}
+
+
+def builder_for(family: str) -> PromptBuilder:
+    return BUILDERS.get(family, BUILDERS["sdxl"])

@@ -31,13 +31,15 @@ GENERATE_FIELDS: tuple[str, ...] = (
     "year",
     "rating",
     "default_negative",
+    "score",
+    "artist",
     *(name for i in range(1, LORA_SLOTS + 1) for name in (f"lora_{i}", f"lora_{i}_weight")),
     "hires",
     "hires_scale",
     "hires_denoise",
     "hires_steps",
 )
-STYLE_FIELDS = ("quality_tags", "aesthetic", "year", "rating", "default_negative")
+STYLE_FIELDS = ("quality_tags", "aesthetic", "year", "rating", "default_negative", "score", "artist")
 
 
 def as_dict(names: tuple[str, ...], values: tuple) -> dict:
@@ -75,7 +77,8 @@ def workspace_file(value: str, search_dirs: list[Path], workspace: Path, what: s
     return Resolver(workspace, tuple(model_dirs)).file(value, search_dirs, what)
 
 
-GENERATE_TEXT_FIELDS = ("prompt", "negative_prompt", "model", "vae", "sampler", "aesthetic", "year", "rating",
+GENERATE_TEXT_FIELDS = ("prompt", "negative_prompt", "model", "vae", "sampler", "aesthetic", "year", "rating", "score",
+                        "artist",
                         *(f"lora_{i}" for i in range(1, LORA_SLOTS + 1)))
 
 
@@ -98,7 +101,7 @@ def generate_form(values: dict, *, loras_dir: Path, workspace: Path, catalog: di
             form[name] = int(form[name])
     form["model"] = model_reference(form["model"], catalog, workspace, model_dirs=model_dirs)
     form["vae"] = model_reference(form["vae"], {}, workspace, what="VAE", model_dirs=model_dirs)
-    form["style"] = {name: values[name] for name in STYLE_FIELDS}
+    form["style"] = {name: values[name] for name in STYLE_FIELDS if values.get(name) is not None}
     form["loras"] = [
         {"path": workspace_file(values[f"lora_{i}"], [loras_dir], workspace, "LoRA", model_dirs),
          "weight": float(values[f"lora_{i}_weight"])}

@@ -15,13 +15,14 @@ from studio.errors import ConfigError, StudioError
 from studio.generation.generate import config_from_form
 from studio.generation.grid import run_grid
 from studio.generation.infotext import infotext_to_form, parse_infotext, read_infotext
-from studio.generation.prompt import build_prompt
+from studio.generation.prompt import builder_for
 from studio.generation.samplers import SAMPLERS
 from studio.jobs import Job
 from studio.schemas import (
     AESTHETIC_TAGS,
     ANIMAGINE_SIZES,
     RATING_TAGS,
+    SCORE_TAGS,
     YEAR_TAGS,
     GridConfig,
     PromptStyle,
@@ -100,14 +101,20 @@ def build(ctx: AppContext) -> GenerateTab:
             f["prompt"] = gr.Textbox(label="Prompt", lines=3, placeholder="1girl, hatsune miku, vocaloid, solo, smile",
                                      elem_id="gen-prompt")
             f["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id="gen-negative")
-            with gr.Accordion("Prompt builder: Animagine XL 3.1 special tags", open=False):
+            builder = builder_for(model_family(ctx, ctx.settings.default_model))
+            with gr.Accordion(builder.title, open=False, elem_id="gen-builder") as c["builder"]:
                 with gr.Row():
-                    f["quality_tags"] = gr.Checkbox(True, label="Quality tags (masterpiece, best quality, ...)")
+                    f["quality_tags"] = gr.Checkbox(True, label=builder.quality_label, elem_id="gen-quality")
                     f["default_negative"] = gr.Checkbox(True, label="Model's negative prompt")
                 with gr.Row():
-                    f["aesthetic"] = gr.Dropdown(["", *AESTHETIC_TAGS], value="", label="Aesthetic")
+                    f["aesthetic"] = gr.Dropdown(["", *AESTHETIC_TAGS], value="", label="Aesthetic",
+                                                 visible="aesthetic" in builder.fields)
+                    f["score"] = gr.Dropdown(["", *SCORE_TAGS], value="", label="Score (in place of score_7)",
+                                             visible="score" in builder.fields, elem_id="gen-score")
                     f["year"] = gr.Dropdown(["", *YEAR_TAGS], value="", label="Year")
                     f["rating"] = gr.Dropdown(["", *RATING_TAGS], value="", label="Rating")
+                f["artist"] = gr.Textbox("", label="Artist (written @name, after your tags)", max_lines=1,
+                                         visible="artist" in builder.fields, elem_id="gen-artist")
                 c["final_prompt"] = gr.Textbox(label="Final prompt", interactive=False, lines=2)
                 c["final_negative"] = gr.Textbox(label="Final negative prompt", interactive=False, lines=2)
             with gr.Row():
@@ -261,10 +268,39 @@ def on_select(evt: gr.SelectData):
     return (read_infotext(path) or "") if path else ""
 
 
-def on_preview(prompt, negative, quality_tags, aesthetic, year, rating, default_negative):
-    style = PromptStyle(quality_tags=quality_tags, aesthetic=aesthetic or "", year=year or "", rating=rating or "",
-                        default_negative=default_negative)
-    return build_prompt(prompt or "", negative or "", style)
+PREVIEW_STYLE = ("quality_tags", "aesthetic", "year", "rating", "default_negative", "score", "artist")
+
+
+def on_preview(ctx: AppContext, model, prompt, negative, *style_values):
+    """Exactly the prompts the model will get: its own family's builder."""
+    values = {k: v if isinstance(v, bool) else (v or "") for k, v in zip(PREVIEW_STYLE, style_values)}
+    try:
+        style = validate(PromptStyle, values)
+    except StudioError as exc:
+        return f"⚠ {exc}", ""
+    return builder_for(model_family(ctx, model)).build(prompt or "", negative or "", style)
+
+
+def model_family(ctx: AppContext, model: str | None) -> str:
+    """The family of a catalog name, or of a model folder or file in the workspace; SDXL when
+    it cannot tell (a hub id not downloaded yet)."""
+    from studio.paths import Resolver
+
+    entry = ctx.manager.catalog.get(model or "")
+    if entry is not None:
+        return entry.family
+    try:
+        reference = Resolver.for_settings(ctx.settings).model(model, ctx.manager.catalog)
+        return ctx.manager.resolve(reference).family if reference else "sdxl"
+    except StudioError:
+        return "sdxl"
+
+
+def on_builder(ctx: AppContext, model: str):
+    """The prompt builder of the model's family: its title, its quality tags, its own fields."""
+    builder = builder_for(model_family(ctx, model))
+    return (gr.update(label=builder.title), gr.update(label=builder.quality_label),
+            *(gr.update(visible=name in builder.fields) for name in ("aesthetic", "score", "artist")))
 
 
 def on_size(choice: str):
@@ -361,11 +397,14 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
                           api_description="Generate images; returns the PNG files (with A1111 infotext).")
     c["stop"].click(lambda: on_stop(ctx), outputs=c["status"], api_name="stop", queue=False)
     c["gallery"].select(on_select, outputs=c["infotext"], api_visibility="private")
-    preview_inputs = [f["prompt"], f["negative_prompt"], *(f[n] for n in ("quality_tags", "aesthetic", "year",
-                                                                           "rating", "default_negative"))]
+    preview_inputs = [f["model"], f["prompt"], f["negative_prompt"], *(f[n] for n in PREVIEW_STYLE)]
     for component in preview_inputs:
-        component.change(on_preview, inputs=preview_inputs, outputs=[c["final_prompt"], c["final_negative"]],
+        component.change(partial(on_preview, ctx), inputs=preview_inputs,
+                         outputs=[c["final_prompt"], c["final_negative"]],
                          api_visibility="private", queue=False, show_progress="hidden")
+    f["model"].change(partial(on_builder, ctx), inputs=f["model"],
+                      outputs=[c["builder"], f["quality_tags"], f["aesthetic"], f["score"], f["artist"]],
+                      api_visibility="private", queue=False, show_progress="hidden")
     f["model"].change(partial(on_model_change, ctx), inputs=f["model"],
                       outputs=[c["size"], f["width"], f["height"], f["steps"], f["cfg_scale"], f["sampler"]],
                       api_visibility="private", queue=False)
