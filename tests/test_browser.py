@@ -130,3 +130,34 @@ def test_train_from_the_tab_watch_the_loss_curve_grow_then_stop(train_page, app_
     assert page.locator("#train-run input").input_value().startswith("browser-train-")
     page.locator("#train-checkpoints").get_by_text("browser-train-step").last.wait_for(timeout=10_000)
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+
+
+def test_an_anima_run_used_in_generate_brings_its_model_and_its_prompt_builder(train_page, app_server):
+    """Use in Generate on an Anima run: Generate's model becomes the run's base, the prompt
+    builder becomes Anima's, and the final prompt shown is Anima's (what is sent)."""
+    from tests.train_fixtures import fast_config
+
+    from studio.training.runs import write_run_config
+
+    page = train_page
+    run = app_server.workspace / "runs" / "browser-anima-1"
+    write_run_config(run, fast_config(app_server.workspace, pretrained_model="demo-anima"))
+    (run / "loras").mkdir()
+    (run / "loras" / "browser-anima.safetensors").write_bytes(b"checkpoint")
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-run input").click()
+    page.get_by_role("option", name="browser-anima-1").click()
+    page.locator("#train-checkpoints").get_by_text("browser-anima.safetensors").wait_for(timeout=30_000)
+    page.locator("#train-use").click()
+    page.wait_for_function("document.querySelector('#gen-model input')?.value === 'demo-anima'", timeout=30_000)
+    builder = page.locator("#gen-builder")
+    builder.get_by_text("Prompt builder: Anima special tags").wait_for(timeout=10_000)
+    builder.get_by_text("Prompt builder: Anima special tags").click()  # open it
+    page.locator("#gen-score").wait_for(state="visible", timeout=10_000)
+    page.locator("#gen-artist textarea, #gen-artist input").first.fill("wlop")
+    page.locator("#gen-prompt textarea").fill("1girl, smile")
+    page.wait_for_function(
+        "document.querySelector('#gen-final-prompt textarea')?.value === "
+        "'masterpiece, best quality, score_7, safe, 1girl, smile, @wlop'", timeout=10_000)
+    assert "score_7" in page.locator("#gen-quality").inner_text()

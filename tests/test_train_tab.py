@@ -213,10 +213,21 @@ def test_use_in_generate_copies_the_checkpoint_once_without_overwriting(ctx, tmp
         "mychar-1-mychar (1).safetensors", "mychar-1-mychar.safetensors", "other.safetensors"]
     assert (ctx.settings.loras_dir / "mychar-1-mychar.safetensors").read_bytes() == b"final", "never overwritten"
     grid = tab.on_compare(ctx, "mychar-1", [], 4)
-    assert grid[4] == "LoRA file" and grid[5] == ("mychar-1-mychar-step00000010.safetensors, "
+    assert grid[5] == "LoRA file" and grid[6] == ("mychar-1-mychar-step00000010.safetensors, "
                                                   "mychar-1-mychar (1).safetensors")
     with pytest.raises(gr.Error, match="no training run '../x'"):
         tab.on_use(ctx, "../x", [], "", "", "", "")
+
+
+def test_use_and_compare_switch_generate_to_the_runs_base_model(ctx, tmp_path):
+    """An Anima run's LoRA goes on Anima: Generate's model follows the run (it stayed on SDXL)."""
+    run = ctx.settings.runs_dir / "anima-1"
+    write_run_config(run, fast_config(tmp_path, pretrained_model="demo-anima"))
+    (run / "loras").mkdir()
+    for name in ("anima-step00000010.safetensors", "anima.safetensors"):
+        (run / "loras" / name).write_bytes(b"x")
+    assert tab.on_use(ctx, "anima-1", [], "", "", "", "")[4] == "demo-anima"
+    assert tab.on_compare(ctx, "anima-1", [], 4)[4] == "demo-anima"
 
 
 def wait_for(condition, timeout=600.0):

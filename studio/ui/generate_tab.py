@@ -115,10 +115,12 @@ def build(ctx: AppContext) -> GenerateTab:
                     f["rating"] = gr.Dropdown(["", *RATING_TAGS], value="", label="Rating")
                 f["artist"] = gr.Textbox("", label="Artist (written @name, after your tags)", max_lines=1,
                                          visible="artist" in builder.fields, elem_id="gen-artist")
-                c["final_prompt"] = gr.Textbox(label="Final prompt", interactive=False, lines=2)
+                c["final_prompt"] = gr.Textbox(label="Final prompt", interactive=False, lines=2,
+                                               elem_id="gen-final-prompt")
                 c["final_negative"] = gr.Textbox(label="Final negative prompt", interactive=False, lines=2)
             with gr.Row():
                 f["model"] = gr.Dropdown(list(ctx.manager.catalog), value=ctx.settings.default_model, label="Model",
+                                         elem_id="gen-model",
                                          allow_custom_value=True, info="catalog name, hub id, or a path in the workspace")
                 c["size"] = gr.Dropdown(SIZE_CHOICES, value=size if size in SIZE_CHOICES else CUSTOM, label="Size")
             with gr.Row():
@@ -399,9 +401,11 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
     c["gallery"].select(on_select, outputs=c["infotext"], api_visibility="private")
     preview_inputs = [f["model"], f["prompt"], f["negative_prompt"], *(f[n] for n in PREVIEW_STYLE)]
     for component in preview_inputs:
+        # one at a time, in order: answers to quick edits never land out of order (a stale preview)
         component.change(partial(on_preview, ctx), inputs=preview_inputs,
-                         outputs=[c["final_prompt"], c["final_negative"]],
-                         api_visibility="private", queue=False, show_progress="hidden")
+                         outputs=[c["final_prompt"], c["final_negative"]], api_visibility="private",
+                         show_progress="hidden", concurrency_id="preview", concurrency_limit=1,
+                         trigger_mode="always_last")
     f["model"].change(partial(on_builder, ctx), inputs=f["model"],
                       outputs=[c["builder"], f["quality_tags"], f["aesthetic"], f["score"], f["artist"]],
                       api_visibility="private", queue=False, show_progress="hidden")

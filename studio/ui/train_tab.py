@@ -289,9 +289,19 @@ def on_use(ctx: AppContext, run: str | None, selected: list[str] | None, *slots:
     name = files[0].name
     if name not in slots:
         slots[next((i for i, value in enumerate(slots) if not value), 0)] = name
-    gr.Info(f"{name} is in workspace/loras and in the LoRA stack of the Generate tab.")
+    base = run_base_model(ctx, run)
+    gr.Info(f"{name} is in workspace/loras and in the LoRA stack of the Generate tab, on its base model {base}.")
     choices = ["", *lora_choices(ctx)]
-    return [*(gr.Dropdown(choices=choices, value=v) for v in slots), gr.Accordion(open=True), gr.Tabs(selected="generate")]
+    return [*(gr.Dropdown(choices=choices, value=v) for v in slots), base, gr.Accordion(open=True),
+            gr.Tabs(selected="generate")]
+
+
+def run_base_model(ctx: AppContext, run: str | None) -> str:
+    """The model the run trained on, as the Generate tab's model field takes it: a LoRA is used
+    on its own base (an Anima LoRA cannot go on an SDXL model)."""
+    from studio.training.runs import read_run_config
+
+    return read_run_config(view.run_folder(ctx.settings.runs_dir, run)).pretrained_model
 
 
 def on_compare(ctx: AppContext, run: str | None, selected: list[str] | None, slots: int):
@@ -302,8 +312,8 @@ def on_compare(ctx: AppContext, run: str | None, selected: list[str] | None, slo
         raise gr.Error(str(exc)) from None
     gr.Info(f"The grid's X axis holds {len(files)} checkpoints: write a prompt and press Make grid.")
     choices = ["", *lora_choices(ctx)]
-    return [*(gr.Dropdown(choices=choices) for _ in range(slots)), "LoRA file", ", ".join(p.name for p in files),
-            gr.Accordion(open=True), gr.Tabs(selected="generate")]
+    return [*(gr.Dropdown(choices=choices) for _ in range(slots)), run_base_model(ctx, run), "LoRA file",
+            ", ".join(p.name for p in files), gr.Accordion(open=True), gr.Tabs(selected="generate")]
 
 
 # -- the API ---------------------------------------------------------------------------------------
@@ -395,10 +405,10 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
     slots = [generate.fields[f"lora_{i}"] for i in range(1, LORA_SLOTS + 1)]
     g = generate.components
     c["use"].click(partial(on_use, ctx), inputs=[c["run"], c["checkpoints"], *slots],
-                   outputs=[*slots, g["lora_stack"], tabs], api_visibility="private")
+                   outputs=[*slots, generate.fields["model"], g["lora_stack"], tabs], api_visibility="private")
     c["compare"].click(lambda run, selected: on_compare(ctx, run, selected, len(slots)),
                        inputs=[c["run"], c["checkpoints"]],
-                       outputs=[*slots, g["x_kind"], g["x_values"], g["grid_accordion"], tabs],
+                       outputs=[*slots, generate.fields["model"], g["x_kind"], g["x_values"], g["grid_accordion"], tabs],
                        api_visibility="private")
     _wire_api(ctx, c)
 
