@@ -161,3 +161,26 @@ def test_an_anima_run_used_in_generate_brings_its_model_and_its_prompt_builder(t
         "document.querySelector('#gen-final-prompt textarea')?.value === "
         "'masterpiece, best quality, score_7, safe, 1girl, smile, @wlop'", timeout=10_000)
     assert "score_7" in page.locator("#gen-quality").inner_text()
+
+
+def test_lists_are_current_whenever_a_tab_is_shown(caption_page, app_server):
+    """A dataset folder and a LoRA file that appear while the page is open are listed as soon as
+    their tab is shown, with no Refresh."""
+    from tests.train_fixtures import make_dataset
+
+    page = caption_page
+    make_dataset(app_server.workspace / "datasets" / "appeared-later", count=1)
+    (app_server.workspace / "loras" / "appeared-later.safetensors").write_bytes(b"x")
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-datasets", timeout=30_000)
+    page.locator("#train-datasets input").click()
+    page.get_by_role("option", name="appeared-later").wait_for(timeout=10_000)
+    page.keyboard.press("Escape")
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_text("LoRA stack").click()
+    page.locator("#gen-lora-1 input").click()
+    page.get_by_role("option", name="appeared-later.safetensors").wait_for(timeout=10_000)
+    page.keyboard.press("Escape")
+    page.get_by_role("tab", name="Caption").click()
+    page.locator("#cap-dataset input").click()
+    page.get_by_role("option", name="appeared-later").wait_for(timeout=10_000)

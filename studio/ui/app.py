@@ -68,7 +68,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 caption = caption_tab.build(tabs_ctx)
             with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(tabs_ctx)
-            with gr.Tab("Generate", id="generate"):
+            with gr.Tab("Generate", id="generate") as generate_page:
                 tab = generate_tab.build(tabs_ctx)
         status_events = [fn for fn in app.fns.values() if fn.api_name != "unload_models"]  # not Unload
         caption_tab.wire(tabs_ctx, caption)
@@ -77,6 +77,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         generate_tab.wire(tabs_ctx, tab)
         lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab)]
         app.load(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False)
+        for page in (caption_page, train_page, generate_page):  # and whenever a tab is shown
+            page.select(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False,
+                        show_progress="hidden")
         if ctx.settings.multi_user:  # signed out: the Generate tab only
             app.load(partial(visitor_tabs, tabs_ctx), outputs=[caption_page, train_page, tabs],
                      api_visibility="private", queue=False)

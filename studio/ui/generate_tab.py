@@ -140,7 +140,7 @@ def build(ctx: AppContext) -> GenerateTab:
                 for i in range(1, LORA_SLOTS + 1):
                     with gr.Row():
                         f[f"lora_{i}"] = gr.Dropdown(["", *choices], value="", label=f"LoRA {i}", allow_custom_value=True,
-                                                     scale=3)
+                                                     scale=3, elem_id=f"gen-lora-{i}")
                         f[f"lora_{i}_weight"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
                 with gr.Row():
                     c["lora_upload"] = gr.File(label="Add a LoRA (.safetensors) to workspace/loras",
