@@ -7,8 +7,8 @@ from PIL import Image
 
 from studio.errors import LoraError
 from studio.generation.generate import generate
-from studio.generation.grid import run_grid
-from studio.generation.infotext import lora_hash, parse_infotext, parse_lora_hashes
+from studio.generation.grid import axis_labels, compose_grid, run_grid
+from studio.generation.infotext import lora_hash, parse_infotext, parse_lora_hashes, read_infotext
 from studio.generation.lora import import_lora_file
 from studio.schemas import GenerateConfig, GridAxis, GridConfig, LoraSpec
 from tests.lora_fixtures import write_demo_kohya_lora
@@ -69,6 +69,34 @@ def test_grid_over_lora_files_and_weights(demo_manager, loras, tmp_path):
     assert seeds == {11}, "every cell uses the same seed"
     hashes = [parse_lora_hashes(parse_infotext(c.images[0].infotext)[2]["Lora hashes"]) for c in result.cells[1]]
     assert hashes == [{"epoch-1": lora_hash(loras[0])}, {"epoch-2": lora_hash(loras[1])}]
+    params = parse_infotext(read_infotext(result.path))[2]
+    assert (params["Script"], params["X Type"], params["Y Type"]) == ("X/Y/Z plot", "LoRA file", "LoRA weight")
+    assert params["X Values"] == "epoch-1.safetensors, epoch-2.safetensors" and params["Y Values"] == "0.5, 1.0"
+
+
+@pytest.mark.parametrize("stems, labels", [
+    (["mychar-20261204-101500-mychar-step00000010", "mychar-20261204-101500-mychar-step00000020",
+      "mychar-20261204-101500-mychar (1)"], ["step 10", "step 20", "final"]),
+    (["char-000002", "char-000004", "char"], ["epoch 2", "epoch 4", "final"]),
+    (["my-style-v1", "my-style-v2"], ["v1", "v2"]),
+    (["styleA", "styleB"], ["styleA", "styleB"]),
+])
+def test_checkpoint_columns_get_short_labels(stems, labels):
+    axis = GridAxis(kind="lora", values=[f"/ws/loras/{stem}.safetensors" for stem in stems])
+    assert axis_labels(axis) == labels
+    assert axis_labels(GridAxis(kind="lora_weight", values=[0.5, 1.0])) == ["weight 0.5", "weight 1.0"]
+
+
+def test_long_column_labels_wrap_inside_their_column():
+    """A label wider than its 64-pixel cell wraps onto more lines: no ink crosses into the next column."""
+    cells = [[Image.new("RGB", (64, 64), "gray") for _ in range(3)]]
+    label = "a-very-long-checkpoint-name-that-is-wider-than-a-cell"
+    picture = np.asarray(compose_grid(cells, [label, label, label], [""]).convert("L"))
+    top = picture.shape[0] - 64
+    assert top > 2 * 16, "the label takes more than one line"
+    ink = picture[:top] < 128
+    for boundary in (64, 128):
+        assert not ink[:, boundary - 2:boundary + 2].any(), "a label runs over its column's edge"
 
 
 def test_imported_loras_never_overwrite(loras, tmp_path):

@@ -3,6 +3,8 @@ picking a training epoch and a LoRA weight."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,11 +13,12 @@ from pathlib import Path
 
 from studio.errors import JobStopped
 from studio.generation.generate import GenerateResult, Report, generate, resolve_seed
-from studio.generation.infotext import format_infotext, read_infotext, write_new_png
+from studio.generation.infotext import format_infotext, parse_infotext, read_infotext, write_new_png
 from studio.models.manager import ModelManager
 from studio.schemas import AXIS_FIELDS, GenerateConfig, GridAxis, GridConfig, LoraSpec
 
 AXIS_LABELS = {"lora": "LoRA", "lora_weight": "weight", "seed": "seed", "cfg": "CFG", "steps": "steps"}
+AXIS_TYPES = {"lora": "LoRA file", "lora_weight": "LoRA weight", "seed": "Seed", "cfg": "CFG Scale", "steps": "Steps"}
 
 
 @dataclass
@@ -41,10 +44,39 @@ def apply_axis(config: GenerateConfig, kind: str, value) -> GenerateConfig:
     return config.model_copy(update={"loras": loras})
 
 
-def axis_label(axis: GridAxis, value) -> str:
+_STEP = re.compile(r"-step0*(\d+)$")  # ours: name-step00000010
+_EPOCH = re.compile(r"-(\d{6})$")  # kohya's: name-000004
+_COPY = re.compile(r" \(\d+\)$")  # a second copy in workspace/loras: name (1)
+
+
+def checkpoint_label(stem: str, stems: list[str]) -> str:
+    """A checkpoint's short name among the grid's files: `step 10` (ours), `epoch 4` (kohya's
+    `name-000004`), `final` (the run's file without a number; a copy's ` (1)` aside), else what
+    differs from the other files' names."""
+    if match := _STEP.search(stem):
+        return f"step {int(match.group(1))}"
+    bases = {_STEP.sub("", other) for other in stems if _STEP.search(other)}
+    bases |= {_EPOCH.sub("", other) for other in stems if _EPOCH.search(other) and other != stem}
+    if (match := _EPOCH.search(stem)) and stem[:match.start()] in bases | {_COPY.sub("", o) for o in stems if o != stem}:
+        return f"epoch {int(match.group(1))}"
+    if _COPY.sub("", stem) in bases:
+        return "final"
+    prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""
+    prefix = prefix[:max(prefix.rfind(sep) for sep in "-_ ") + 1]  # whole words only
+    return stem[len(prefix):].strip("-_ ") or stem
+
+
+def axis_labels(axis: GridAxis) -> list[str]:
+    """Short labels for the image (the full values go in the infotext): a checkpoint by its step
+    or epoch, a weight as `weight 0.8`."""
     if axis.kind == "lora":
-        return Path(str(value)).stem
-    return f"{AXIS_LABELS[axis.kind]} {value}"
+        stems = [Path(str(value)).stem for value in axis.values]
+        return [checkpoint_label(stem, stems) for stem in stems]
+    return [f"{AXIS_LABELS[axis.kind]} {value}" for value in axis.values]
+
+
+def axis_label(axis: GridAxis, value) -> str:
+    return axis_labels(axis)[list(axis.values).index(value)]
 
 
 def cell_configs(grid: GridConfig) -> list[list[GenerateConfig]]:
@@ -65,25 +97,60 @@ def cell_configs(grid: GridConfig) -> list[list[GenerateConfig]]:
     return rows
 
 
+def _wrapped(text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` (at spaces, or inside a long word)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            cut = max(1, next((i for i in range(len(word), 0, -1) if font.getlength(word[:i]) <= width), 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
+
 def compose_grid(images: list[list], x_labels: list[str], y_labels: list[str]):
-    """Paste cells into one image with column labels on top and row labels on the left."""
+    """Paste cells into one image with column labels on top and row labels on the left; a label
+    wider than its cell wraps onto more lines (never into the next column)."""
     from PIL import Image, ImageDraw, ImageFont
 
     cell_w, cell_h = images[0][0].size
-    font = ImageFont.load_default(size=max(12, cell_h // 16))
-    left = max((int(font.getlength(label)) for label in y_labels if label), default=0)
-    left = left + 16 if left else 0
-    top = font.size + 16 if any(x_labels) else 0
+    font = ImageFont.load_default(size=max(12, min(cell_h, cell_w) // 16))
+    line_h = font.size + 4
+    x_lines = [_wrapped(label, font, cell_w - 8) for label in x_labels]
+    top = max(len(lines) for lines in x_lines) * line_h + 12 if any(x_labels) else 0
+    y_width = min(cell_w, max((int(font.getlength(label)) for label in y_labels if label), default=0))
+    y_lines = [_wrapped(label, font, y_width) if label else [] for label in y_labels]
+    left = y_width + 16 if y_width else 0
     grid = Image.new("RGB", (left + cell_w * len(x_labels), top + cell_h * len(images)), "white")
     draw = ImageDraw.Draw(grid)
-    for col, label in enumerate(x_labels):
-        draw.text((left + col * cell_w + cell_w // 2, top // 2), label, fill="black", font=font, anchor="mm")
-    for row, (label, row_images) in enumerate(zip(y_labels, images)):
-        if label:
-            draw.text((left // 2, top + row * cell_h + cell_h // 2), label, fill="black", font=font, anchor="mm")
+    for col, lines in enumerate(x_lines):
+        draw.multiline_text((left + col * cell_w + cell_w // 2, top // 2), "\n".join(lines), fill="black",
+                            font=font, anchor="mm", align="center", spacing=4)
+    for row, (lines, row_images) in enumerate(zip(y_lines, images)):
+        if lines:
+            draw.multiline_text((left // 2, top + row * cell_h + cell_h // 2), "\n".join(lines), fill="black",
+                                font=font, anchor="mm", align="center", spacing=4)
         for col, image in enumerate(row_images):
             grid.paste(image.convert("RGB"), (left + col * cell_w, top + row * cell_h))
     return grid
+
+
+def grid_infotext(first_cell_text: str, grid: GridConfig) -> str:
+    """The first cell's infotext plus the axes with their full values, as A1111's X/Y/Z plot
+    writes them (`Script: X/Y/Z plot, X Type: ..., X Values: ...`)."""
+    prompt, negative, params = parse_infotext(first_cell_text)
+    params = dict(params, Script="X/Y/Z plot")
+    for name, axis in (("X", grid.x), ("Y", grid.y)):
+        if axis is not None:
+            values = [Path(str(v)).name if axis.kind == "lora" else v for v in axis.values]
+            params[f"{name} Type"] = AXIS_TYPES[axis.kind]
+            params[f"{name} Values"] = ", ".join(str(v) for v in values)
+    return format_infotext(prompt, negative, params)
 
 
 def run_grid(
@@ -120,11 +187,10 @@ def run_grid(
             warnings += [w for w in result.warnings if w not in warnings]
             cells[-1].append(result)
     images = [[Image.open(cell.images[0].path) for cell in row] for row in cells]
-    x_labels = [axis_label(grid.x, v) for v in grid.x.values]
-    y_labels = [axis_label(grid.y, v) for v in grid.y.values] if grid.y else [""]
-    picture = compose_grid(images, x_labels, y_labels)
+    picture = compose_grid(images, axis_labels(grid.x), axis_labels(grid.y) if grid.y else [""])
     first = cells[0][0]
-    text = read_infotext(first.images[0].path) or format_infotext(first.prompt, first.negative_prompt, {})
+    text = grid_infotext(read_infotext(first.images[0].path) or format_infotext(first.prompt, first.negative_prompt, {}),
+                         grid)
     folder = outputs_dir / datetime.now().strftime("%Y-%m-%d") / "grids"
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.stem[5:]) for p in folder.glob("grid-[0-9][0-9][0-9][0-9].png")]
