@@ -184,3 +184,15 @@ def test_lists_are_current_whenever_a_tab_is_shown(caption_page, app_server):
     page.get_by_role("tab", name="Caption").click()
     page.locator("#cap-dataset input").click()
     page.get_by_role("option", name="appeared-later").wait_for(timeout=10_000)
+
+
+def test_an_error_stays_in_the_status_line_and_stop_with_nothing_running_says_so(page):
+    page.locator("#gen-prompt textarea").fill("1girl, " * 1000)  # past the prompt limit
+    page.locator("#gen-button").click()
+    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Error')", timeout=30_000)
+    status = page.locator("#gen-status").inner_text()
+    assert "prompt" in status and "elapsed" not in status, status
+    page.locator("#gen-stop").click()
+    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Nothing is being generated')",
+                           timeout=10_000)
+    page.locator("#gen-prompt textarea").fill("1girl, solo")

@@ -29,6 +29,7 @@ from studio.schemas import validate
 from studio.ui import caption_form as form
 from studio.ui import dataset_view as view
 from studio.ui.forms import as_dict, check_text, named_parameters
+from studio.ui.forms import errors_in_status as form_errors_in_status
 
 POLL_SECONDS = 0.3
 GALLERY_REFRESH_SECONDS = 1.0  # while captioning, re-read the gallery at most this often
@@ -626,6 +627,8 @@ def wire(ctx: AppContext, tab: CaptionTab) -> None:
 
     def on(event, fn, inputs, names, **kwargs):
         handler, outputs = _named_outputs(tab, fn, names)
+        if "status" in names:  # an error stays in the status line, not only in a fading toast
+            handler = form_errors_in_status(handler, len(names), names.index("status"))
         return event(handler, inputs=inputs, outputs=outputs, **{**private, **kwargs})
 
     opened = (*SCAN, *VIEW, *EDITOR)

@@ -161,3 +161,37 @@ def _naming(preprocess: Callable, name: str, expected: str, error: type) -> Call
             raise error(f"{name}: expected {expected}, got {str(payload)[:60]!r}") from None
 
     return wrapper
+
+
+def errors_in_status(fn: Callable, outputs: int, status: int) -> Callable:
+    """`fn` (a handler, or a generator of updates) for a button whose outputs include a status
+    line at index `status`: an error it raises shows as a toast *and* stays in the status line
+    ("⚠ Error: ..."), instead of a toast that fades and leaves a stale progress line marked
+    "Error". The handler itself still raises, for its callers and tests."""
+    import gradio as gr
+
+    def failed(exc: gr.Error):
+        gr.Warning(exc.message, title="Error")
+        values = [gr.skip()] * outputs
+        values[status] = f"⚠ **Error:** {exc.message}"
+        return tuple(values) if outputs > 1 else values[0]
+
+    if inspect.isgeneratorfunction(fn) or inspect.isgeneratorfunction(getattr(fn, "func", None)):
+
+        @functools.wraps(fn)
+        def streaming(*args):
+            try:
+                yield from fn(*args)
+            except gr.Error as exc:
+                yield failed(exc)
+
+        return streaming
+
+    @functools.wraps(fn)
+    def plain(*args):
+        try:
+            return fn(*args)
+        except gr.Error as exc:
+            return failed(exc)
+
+    return plain

@@ -33,6 +33,7 @@ from studio.ui.forms import (
     GENERATE_FIELDS,
     GENERATE_TEXT_FIELDS,
     check_text,
+    errors_in_status,
     LORA_SLOTS,
     as_dict,
     generate_form,
@@ -181,6 +182,7 @@ def build(ctx: AppContext) -> GenerateTab:
     c["session_images"] = gr.State([])
     c["api_gallery"] = gr.Gallery(visible=False, format="png")
     c["api_button"] = gr.Button(visible=False)
+    c["grid_api_button"] = gr.Button(visible=False)
     return tab
 
 
@@ -258,10 +260,11 @@ def api_generate(ctx: AppContext, *values):
 
 
 def on_stop(ctx: AppContext):
-    for name in ("generate", "grid"):
-        job = ctx.jobs.latest(name)
-        if job is not None and job.running:
-            job.stop()
+    running = [job for job in map(ctx.jobs.latest, ("generate", "grid")) if job is not None and job.running]
+    if not running:
+        return "Nothing is being generated."
+    for job in running:
+        job.stop()
     return "Stopping after the current step..."
 
 
@@ -387,7 +390,7 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
     f, c = tab.fields, tab.components
     inputs = [f[name] for name in GENERATE_FIELDS]
     c["generate"].click(
-        partial(on_generate, ctx),
+        errors_in_status(partial(on_generate, ctx), 4, 1),
         inputs=[c["session_images"], *inputs],
         outputs=[c["gallery"], c["status"], c["infotext"], c["session_images"]],
         api_visibility="private",
@@ -422,10 +425,13 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
     c["lora_upload"].upload(lambda path: on_lora_upload(ctx, path), inputs=c["lora_upload"], outputs=lora_dropdowns,
                             api_visibility="private")
     c["lora_refresh"].click(lambda: on_lora_refresh(ctx), outputs=lora_dropdowns, api_visibility="private")
-    c["grid_button"].click(
+    grid_inputs = [c["x_kind"], c["x_values"], c["y_kind"], c["y_values"], *inputs]
+    c["grid_button"].click(errors_in_status(partial(on_grid, ctx), 2, 1), inputs=grid_inputs,
+                           outputs=[c["grid_image"], c["status"]], api_visibility="private", concurrency_id="gpu")
+    c["grid_api_button"].click(  # the API's errors stay errors
         named_parameters(partial(on_grid, ctx), ("x_axis", "x_values", "y_axis", "y_values", *GENERATE_FIELDS),
                          required=("x_axis", "x_values", "y_axis", "y_values", "prompt")),
-        inputs=[c["x_kind"], c["x_values"], c["y_kind"], c["y_values"], *inputs],
+        inputs=grid_inputs,
         outputs=[c["grid_image"], c["status"]],
         api_name="grid",
         concurrency_id="gpu",

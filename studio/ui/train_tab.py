@@ -23,7 +23,7 @@ from studio.jobs import Job
 from studio.ui import train_form as form
 from studio.ui import train_view as view
 from studio.ui.caption_form import dataset_choices, dataset_path
-from studio.ui.forms import LORA_SLOTS, as_dict, check_text, named_parameters
+from studio.ui.forms import LORA_SLOTS, as_dict, check_text, errors_in_status, named_parameters
 from studio.ui.generate_tab import GenerateTab, lora_choices
 
 JOB_NAME = "train"  # studio.training.job.JOB_NAME, without importing the engine at app start
@@ -398,8 +398,9 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
     c["preset_save"].click(partial(on_save_preset, ctx), inputs=[c["preset_name"], *inputs], outputs=f["preset"],
                            api_visibility="private")
-    c["start"].click(partial(on_start, ctx), inputs=inputs, outputs=[c["run"], c["status"]], api_visibility="private")
-    c["resume"].click(partial(on_resume, ctx), inputs=c["run"], outputs=[c["run"], c["status"]],
+    c["start"].click(errors_in_status(partial(on_start, ctx), 2, 1), inputs=inputs, outputs=[c["run"], c["status"]],
+                     api_visibility="private")
+    c["resume"].click(errors_in_status(partial(on_resume, ctx), 2, 1), inputs=c["run"], outputs=[c["run"], c["status"]],
                       api_visibility="private")
     c["stop"].click(lambda: on_stop(ctx), outputs=c["status"], api_visibility="private", queue=False)
     slots = [generate.fields[f"lora_{i}"] for i in range(1, LORA_SLOTS + 1)]
