@@ -32,8 +32,9 @@ def test_lora_changes_the_image_is_recorded_and_removal_restores_the_base(demo_m
     base, _ = image(demo_manager, tmp_path)
     with_lora, result = image(demo_manager, tmp_path, [(loras[0], 1.0)])
     assert np.abs(with_lora - base).max() > 10
-    params = parse_infotext(result.images[0].infotext)[2]
+    prompt, _, params = parse_infotext(result.images[0].infotext)
     assert parse_lora_hashes(params["Lora hashes"]) == {"epoch-1": lora_hash(loras[0])}
+    assert prompt.endswith(", <lora:epoch-1:1>"), "the LoRA and its weight in the prompt, as A1111 writes them"
     half, _ = image(demo_manager, tmp_path, [(loras[0], 0.5)])
     assert np.abs(half - with_lora).max() > 0 and np.abs(half - base).max() > 0
     again, result = image(demo_manager, tmp_path)

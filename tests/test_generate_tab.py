@@ -27,6 +27,28 @@ def test_png_info_fills_the_form_and_leaves_unknown_fields_alone():
     assert isinstance(values["batch_size"], type(gr.skip())), "fields the text lacks stay as they are"
 
 
+def test_png_info_brings_the_images_loras_and_names_the_missing_ones(tmp_path):
+    """`<lora:name:weight>` in the prompt (A1111, and our own images), found in workspace/loras by
+    name or by the `Lora hashes` entry; one the folder lacks is named, not silently dropped."""
+    from tests.lora_fixtures import write_demo_kohya_lora
+
+    from studio.generation.infotext import lora_hash
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    style = write_demo_kohya_lora(loras / "style.safetensors", seed=1)
+    renamed = write_demo_kohya_lora(loras / "mychar-v2.safetensors", seed=2)
+    hashes = f"style: {lora_hash(style)}, mychar: {lora_hash(renamed)}, gone: 0123456789ab"
+    text = format_infotext("1girl, smile, <lora:style:0.7>, <lora:mychar:0.45>, <lora:gone:1>", "",
+                           {"Steps": 20, "Seed": 1, "Lora hashes": hashes})
+    names = list(GENERATE_FIELDS)
+    with pytest.warns(UserWarning, match=r"left out of the LoRA stack: gone \(hash 0123456789ab\)"):
+        values = dict(zip(names, png_to_form(text, names, loras)))
+    assert values["prompt"] == "1girl, smile"
+    assert [(values[f"lora_{i}"], values[f"lora_{i}_weight"]) for i in range(1, 5)] == [
+        ("style.safetensors", 0.7), ("mychar-v2.safetensors", 0.45), ("", 1.0), ("", 1.0)]
+
+
 def test_png_info_without_parameters_is_refused():
     with pytest.raises(gr.Error):
         png_to_form("", FIELDS)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from studio import __version__
 from studio.errors import JobStopped, LoraError
-from studio.generation.infotext import format_infotext, format_lora_hashes, model_hash, write_new_png
+from studio.generation.infotext import format_infotext, format_lora_hashes, lora_tags, model_hash, write_new_png
 from studio.generation.prompt import builder_for
 from studio.generation.samplers import SAMPLERS
 from studio.models.manager import ModelManager, ModelRecord
@@ -154,6 +154,7 @@ def generate(
         # 4. LoRAs: load, verify each changes the model, weight them; unused ones are removed.
         warnings = runner.apply_loras(config.loras)
         lora_hashes = runner.lora_hashes()
+        tags = lora_tags((lora.name, lora.weight) for lora in runner.loras.applied())  # as A1111 records them
         # 5. Conditioning once for the whole run, then the sampling loop with progress and stop.
         counter = StepCounter(config.batch_count * runner.steps_per_batch(config), report, stop)
         conditioning = runner.encode(prompt, negative)
@@ -164,7 +165,7 @@ def generate(
             )
             # 6. Save every image with A1111 infotext, as soon as its batch is done.
             for picture, seed in zip(pictures, batch_seeds):
-                text = format_infotext(prompt, negative, infotext_params(config, record, seed, lora_hashes))
+                text = format_infotext(prompt + tags, negative, infotext_params(config, record, seed, lora_hashes))
                 path = write_new_png(picture, folder, lambda n, seed=seed: f"{n:05d}-{seed}.png", text,
                                      start=next_image_number(folder))
                 images.append(GeneratedImage(path, seed, text))

@@ -214,6 +214,23 @@ def model_hash(path: str | os.PathLike) -> str:
     return file_sha256(path)[:10]
 
 
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)))?(?::[^>]*)?>", re.IGNORECASE)
+
+
+def lora_tags(loras) -> str:
+    """A1111's way of recording the LoRAs in the prompt: `<lora:name:weight>` each."""
+    return "".join(f", <lora:{name}:{weight:g}>" for name, weight in loras)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:name:weight>` tags, and those (name, weight) in order (A1111
+    writes them into the prompt; a missing weight is 1)."""
+    found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in _LORA_TAG.finditer(prompt)]
+    rest = _LORA_TAG.sub("", prompt)
+    rest = re.sub(r"\s*,(\s*,)+", ",", rest)  # the commas the tags sat between
+    return rest.strip().strip(",").strip(), found
+
+
 def lora_hash(path: str | os.PathLike) -> str:
     """A1111's `Lora hashes` entry: the first 12 hex of the AutoV3 hash for a .safetensors
     file, of the whole file's SHA-256 otherwise."""

@@ -14,7 +14,13 @@ from studio.context import AppContext
 from studio.errors import ConfigError, StudioError
 from studio.generation.generate import config_from_form
 from studio.generation.grid import run_grid
-from studio.generation.infotext import infotext_to_form, parse_infotext, read_infotext
+from studio.generation.infotext import (
+    infotext_to_form,
+    parse_infotext,
+    parse_lora_hashes,
+    read_infotext,
+    split_lora_tags,
+)
 from studio.generation.prompt import builder_for
 from studio.generation.samplers import SAMPLERS
 from studio.jobs import Job
@@ -321,17 +327,56 @@ def on_png_file(path: str | None):
     return read_infotext(path) or "This image carries no generation parameters."
 
 
-def png_to_form(text: str, field_names: list[str]):
-    """Fill the form from infotext; fields the text does not mention are left as they are."""
+def png_to_form(text: str, field_names: list[str], loras_dir: Path | None = None):
+    """Fill the form from infotext; fields the text does not mention are left as they are. With
+    `loras_dir`, the LoRA stack becomes the image's (`<lora:name:weight>` in the prompt, as A1111
+    writes it, or its `Lora hashes`), each found by name or hash; the ones not there are named."""
     prompt, negative, params = parse_infotext(text or "")
     if not params and not prompt:
         raise gr.Error("no parameters to send: drop an image with generation parameters first")
+    prompt, tags = split_lora_tags(prompt)
     values = {"prompt": prompt, "negative_prompt": negative, **infotext_to_form(params)}
+    if loras_dir is not None:
+        values.update(png_loras(loras_dir, tags, parse_lora_hashes(str(params.get("Lora hashes", "")))))
     hires = values.pop("hires", None)
     if hires:
         values.update(hires=True, hires_scale=hires.get("scale"), hires_denoise=hires.get("denoise"),
                       hires_steps=hires.get("steps"))
     return [values[name] if values.get(name) is not None else gr.skip() for name in field_names]
+
+
+def png_loras(loras_dir: Path, tags: list[tuple[str, float]], hashes: dict[str, str]) -> dict:
+    """The LoRA slots for an image's LoRAs: found in `loras_dir` by file name, else by hash."""
+    from studio.generation.infotext import lora_hash
+
+    listed = tags or [(name, None) for name in hashes]
+    by_hash: dict[str, Path] | None = None
+    slots: dict = {}
+    missing, unweighted = [], []
+    for name, weight in listed:
+        path = loras_dir / f"{name}.safetensors"
+        if not path.is_file() and hashes.get(name):
+            if by_hash is None:
+                by_hash = {lora_hash(f): f for f in sorted(loras_dir.glob("*.safetensors")) if f.is_file()}
+            path = by_hash.get(hashes[name], path)
+        if not path.is_file():
+            missing.append(f"{name}" + (f" (hash {hashes[name]})" if hashes.get(name) else ""))
+            continue
+        if len(slots) // 2 == LORA_SLOTS:
+            missing.append(f"{name} (only {LORA_SLOTS} LoRA slots)")
+            continue
+        index = len(slots) // 2 + 1
+        slots[f"lora_{index}"], slots[f"lora_{index}_weight"] = path.name, 1.0 if weight is None else weight
+        if weight is None:
+            unweighted.append(path.name)
+    for index in range(len(slots) // 2 + 1, LORA_SLOTS + 1):
+        slots[f"lora_{index}"], slots[f"lora_{index}_weight"] = "", 1.0
+    if missing:
+        gr.Warning(f"Not in {loras_dir.name}/, so left out of the LoRA stack: {', '.join(missing)}. "
+                   "Upload it and send the image again.")
+    if unweighted:
+        gr.Info(f"The image names {', '.join(unweighted)} without a weight: set to 1.")
+    return slots
 
 
 def on_lora_upload(ctx: AppContext, path: str | None):
@@ -418,8 +463,8 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
     c["size"].change(on_size, inputs=c["size"], outputs=[f["width"], f["height"]], api_visibility="private",
                      queue=False)
     c["png_file"].change(on_png_file, inputs=c["png_file"], outputs=c["png_text"], api_name="png_info")
-    field_names = [n for n in GENERATE_FIELDS if n not in ("model", "vae") and not n.startswith("lora_")]
-    c["png_send"].click(lambda text: png_to_form(text, field_names), inputs=c["png_text"],
+    field_names = [n for n in GENERATE_FIELDS if n not in ("model", "vae")]
+    c["png_send"].click(lambda text: png_to_form(text, field_names, ctx.settings.loras_dir), inputs=c["png_text"],
                         outputs=[f[n] for n in field_names], api_visibility="private")
     lora_dropdowns = [f[f"lora_{i}"] for i in range(1, LORA_SLOTS + 1)]
     c["lora_upload"].upload(lambda path: on_lora_upload(ctx, path), inputs=c["lora_upload"], outputs=lora_dropdowns,
