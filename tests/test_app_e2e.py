@@ -135,7 +135,7 @@ def test_train_endpoint_trains_in_the_background_refuses_generation_and_stops_wi
         text, details = status_until(lambda d: d.get("step", 0) >= 2)
         assert details["run_dir"] == run_dir and details["state"] == "running", text
         assert details["total_steps"] == 5000 and text.startswith("Training · step ")
-        with pytest.raises(AppError, match="the GPU is busy: training e2e-train is running"):
+        with pytest.raises(AppError, match="is busy: training e2e-train is running"):
             client.predict("1girl", api_name="/generate", steps=1, width=256, height=256)
     finally:  # leave the shared app free for the other tests
         stopping = client.predict(api_name="/train_stop")

@@ -173,6 +173,14 @@ def test_upload_imports_images_and_zips_into_a_new_dataset(ctx, tmp_path):
     assert "renamed" in out["upload_msg"] and len(out["shown"]) == 2
 
 
+def test_an_uploaded_file_the_dataset_cannot_use_is_said_so(ctx, tmp_path):
+    """"1 file imported" alone, for a broken image the scan then skips, was misleading."""
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tab.on_upload(ctx, "fresh", [str(tmp_path / "broken.png")])
+    assert out["upload_msg"].startswith("1 file imported into `fresh`")
+    assert "- broken.png was imported, but the dataset cannot use it:" in out["upload_msg"]
+
+
 # -- captioning ----------------------------------------------------------------------------------
 def test_captioning_streams_status_and_ends_with_the_summary_and_skipped_files(ctx, data):
     final, outputs = run_caption(ctx, trigger="charx")

@@ -215,3 +215,19 @@ def test_a_tagger_is_a_manager_record_and_unloads(tmp_path):
         assert tagger.is_loaded
     assert [m["name"] for m in mgr.status().models] == ["demo-tagger"]
     assert mgr.unload("demo-tagger", family="tagger") == ["demo-tagger"] and mgr.records() == []
+
+
+def test_the_busy_message_names_the_gpu_only_where_there_is_one():
+    from pathlib import Path
+
+    from studio.wording import a, count
+
+    for device, says in ((DeviceInfo("cpu", "CPU"), "the studio is busy"),
+                         (DeviceInfo("cuda:0", "GPU", 8, 8), "the GPU is busy")):
+        manager = ModelManager(Path("unused"), requested_policy="cpu", device=device)
+        with manager.gpu_lane("training x", exclusive=True):
+            with pytest.raises(BusyError, match=f"^{says}: training x is running"):
+                with manager.gpu_lane("generation"):
+                    pass
+    assert (a("Anima"), a("SDXL"), a("Stable Diffusion 1.x")) == ("an Anima", "an SDXL", "a Stable Diffusion 1.x")
+    assert (count(1, "file"), count(2, "file")) == ("1 file", "2 files")

@@ -34,6 +34,7 @@ from studio.dataset.config import ImportLimits
 from studio.dataset.images import is_image_name
 from studio.dataset.model import NL_SUFFIX, TAGS_SUFFIX, Problem, parse_repeat_folder
 from studio.errors import DatasetError
+from studio.wording import count
 
 ProgressFn = Callable[[int, int], None]
 _CHUNK = 1 << 20
@@ -57,7 +58,7 @@ class ImportReport:
         return tuple(f for f in self.imported if f.renamed)
 
     def summary(self) -> str:
-        text = f"{len(self.imported)} files imported into {self.destination}"
+        text = f"{count(len(self.imported), 'file')} imported into {self.destination}"
         if self.renamed:
             shown = ", ".join(f"{Path(f.source).name} -> {f.path.name}" for f in self.renamed[:5])
             more = f" and {len(self.renamed) - 5} more" if len(self.renamed) > 5 else ""

@@ -41,6 +41,7 @@ from studio.models.lora_format import (
     kohya_lora_name,
     text_encoder_kohya_path,
 )
+from studio.wording import a
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from studio.schemas import LoraSpec
@@ -161,7 +162,7 @@ class LoraStack:
         info = inspect_lora(path)
         if info.family not in (self.family, "unknown"):
             raise LoraError(
-                f"{path.name} is a {FAMILY_LABELS.get(info.family, info.family)} LoRA, but this model is "
+                f"{path.name} is {a(FAMILY_LABELS.get(info.family, info.family))} LoRA, but this model is "
                 f"{FAMILY_LABELS.get(self.family, self.family)}: pick a LoRA trained for this model"
             )
         if info.format == "lycoris":

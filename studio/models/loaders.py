@@ -14,6 +14,7 @@ from pathlib import Path
 
 from studio.errors import ModelNotFoundError, UnsafeCheckpointError
 from studio.models.catalog import HUB_ID, ModelSource, check_not_pickle, family_of_folder, folder_index
+from studio.wording import a
 
 Progress = Callable[[float | None, str], None]
 
@@ -172,7 +173,7 @@ def _check_pipeline_class(folder: Path, family: str) -> None:
     found = index.get("_class_name", "?")
     if found != expected:
         example = ANIMA_LAYOUT if family == "anima" else "an SDXL model such as Animagine XL 3.1"
-        raise ModelNotFoundError(f"{folder.name} is a {found}; this model family needs a {expected} ({example}).")
+        raise ModelNotFoundError(f"{folder.name} is {a(found)}; this model family needs {a(expected)} ({example}).")
 
 
 def _load_vae(reference: str, dtype):
@@ -308,7 +309,7 @@ def load_model(source: ModelSource, models_dir: Path, dtype, device: str, progre
         # The manager keeps the record under the source it was asked for, and runs and places
         # the model by that family: a model of another family must be asked for as such.
         raise ModelNotFoundError(
-            f"{source.name} is a {PIPELINE_CLASSES.get(local.family, local.family)} model, not "
+            f"{source.name} is {a(PIPELINE_CLASSES.get(local.family, local.family))} model, not "
             f"{source.family}: give its folder path ({local.location}) instead"
         )
     try:

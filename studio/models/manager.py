@@ -21,6 +21,7 @@ from studio.models.catalog import CatalogEntry, ModelSource, load_catalog, resol
 from studio.models.devices import DeviceInfo, free_accelerator_memory, probe_devices
 from studio.models.loaders import LoadedModel, Progress, load_model
 from studio.models.vram import PLACEMENTS, WORKING_BYTES, VramPolicy, choose_policy, pick_dtype
+from studio.wording import a
 
 GiB = 1024**3
 Loader = Callable[[ModelSource, Path, Any, str, Progress], LoadedModel]
@@ -127,10 +128,12 @@ class ModelManager:
     def gpu_lane(self, owner: str, *, exclusive: bool = False) -> Iterator[None]:
         """Hold the one GPU lane while working. Short jobs wait their turn; while an exclusive job
         (a training run) holds it, everyone else is refused at once with a message saying why."""
+        busy = "the GPU is busy" if self.device.accelerator else "the studio is busy (one model job at a time)"
         if self._lane_exclusive and self._lane_owner:
-            raise BusyError(f"the GPU is busy: {self._lane_owner} is running. Stop it or wait for it to finish.")
+            raise BusyError(f"{busy}: {self._lane_owner} is running. Stop it or wait for it to finish.")
         if not self._lane.acquire(blocking=not exclusive):
-            raise BusyError(f"the GPU is busy with {self._lane_owner}; a {owner} needs it to itself.")
+            lane = "the GPU" if self.device.accelerator else "the model lane"
+            raise BusyError(f"{busy} with {self._lane_owner}; {a(owner)} needs {lane} to itself.")
         self._lane_owner, self._lane_exclusive = owner, exclusive
         try:
             yield

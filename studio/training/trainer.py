@@ -33,6 +33,7 @@ from studio.training.loop import (
     seed_for,
     validation_loss,
 )
+from studio.wording import a
 
 
 def _accelerator(config: TrainConfig):
@@ -60,7 +61,7 @@ def _load_model(config: TrainConfig, models_dir: Path, device, weight_dtype, rep
 
     source = resolve_reference(config.pretrained_model, load_catalog(), vae=config.vae or None)
     if source.family not in ("sdxl", "anima"):
-        raise ConfigError(f"{config.pretrained_model} is a {source.family} model; this trainer handles SDXL and Anima")
+        raise ConfigError(f"{config.pretrained_model} is {a(source.family)} model; this trainer handles SDXL and Anima")
     loaded = load_model(source, models_dir, weight_dtype, str(device), report)
     if source.family == "anima":
         from studio.training.anima import AnimaTrainingModel

@@ -333,6 +333,10 @@ def on_upload(ctx: AppContext, folder: str, files: list[str] | None, all_of: str
         raise _error(exc) from None
     lines = [report.summary().replace(str(report.destination), f"`{path.name}`")]
     lines += [f"- skipped {p.path.name}: {p.reason}" for p in report.skipped if p.kind != "refused"][:20]
+    unusable = {problem.path.resolve(): problem.reason for problem in dataset.report.problems
+                if problem.severity == "skip"}
+    lines += [f"- {f.path.name} was imported, but the dataset cannot use it: {unusable[f.path.resolve()]}"
+              for f in report.imported if f.path.resolve() in unusable][:20]
     return {"upload_msg": "\n".join(lines), "upload": None,
             "dataset": gr.Dropdown(choices=form.dataset_choices(ctx.settings), value=folder),
             **_scan_view(dataset, folder), **dataset_view(dataset, all_of, any_of), **editor_view(dataset, "")}
