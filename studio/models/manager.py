@@ -128,7 +128,7 @@ class ModelManager:
     def gpu_lane(self, owner: str, *, exclusive: bool = False) -> Iterator[None]:
         """Hold the one GPU lane while working. Short jobs wait their turn; while an exclusive job
         (a training run) holds it, everyone else is refused at once with a message saying why."""
-        busy = "the GPU is busy" if self.device.accelerator else "the studio is busy (one model job at a time)"
+        busy = "the GPU is busy" if self.device.accelerator else "the studio is busy"
         if self._lane_exclusive and self._lane_owner:
             raise BusyError(f"{busy}: {self._lane_owner} is running. Stop it or wait for it to finish.")
         if not self._lane.acquire(blocking=not exclusive):
