@@ -196,3 +196,18 @@ def test_an_error_stays_in_the_status_line_and_stop_with_nothing_running_says_so
     page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Nothing is being generated')",
                            timeout=10_000)
     page.locator("#gen-prompt textarea").fill("1girl, solo")
+
+
+def test_a_width_typed_outside_the_range_is_refused_with_a_message_not_clamped(page):
+    width = page.locator("#gen-width input")
+    try:
+        width.fill("5000")
+        width.press("Tab")
+        page.locator("#gen-prompt textarea").fill("1girl, solo")
+        page.locator("#gen-button").click()
+        page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Error')", timeout=30_000)
+        status = page.locator("#gen-status").inner_text()
+        assert "width" in status and "4096" in status, status
+    finally:
+        width.fill("256")
+        width.press("Tab")

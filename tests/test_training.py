@@ -255,3 +255,13 @@ def test_stop_during_sampling_ends_the_run_within_seconds(dataset, tmp_path, dem
     assert not list(result.run_dir.glob("samples/step000001-*.png")), "no half-made samples are kept"
     messages = [e.get("text") for e in read_events(result.run_dir) if e["kind"] == "message"]
     assert "sampling at step 1 stopped" in messages
+
+
+def test_the_last_step_is_sampled_once_also_across_a_resume(dataset, tmp_path, demo_models_dir):
+    """Samples every 2 steps of 4: steps 2 and 4, once each (the end of the run no longer samples
+    step 4 a second time), and a stop at step 2 then resume does not repeat step 2's samples."""
+    config = fast_config(dataset, max_train_steps=4, sample_prompts=["1girl"], sample_every_n_steps=2,
+                         sample_steps=2, sample_size=(64, 64), save_every_n_steps=2)
+    run(config, tmp_path, demo_models_dir, "split", stop_after=2)
+    resumed = run(config, tmp_path, demo_models_dir, "split", resume=True)
+    assert [e["step"] for e in read_events(resumed.run_dir) if e["kind"] == "sample"] == [2, 4]

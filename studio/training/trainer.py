@@ -259,7 +259,7 @@ def train(
 
     # 7. The end: the final LoRA (and samples) are written; what was saved is listed.
     if status == "done":
-        if config.sample_prompts:
+        if config.sample_prompts and saver.sampled_at != step:  # not twice for the last step
             saver.samples(step, epoch, log, stop)
         message = f"done: {step} steps"
     if world > 1:  # every process must hold the same network: say so in the log
@@ -285,6 +285,7 @@ class Saver:
         self.config, self.model, self.run_dir, self.data, self.plan = config, model, run_dir, data, plan
         self.source, self.optimizer, self.scheduler, self.main = source, optimizer, scheduler, main
         self.last_step = 0
+        self.sampled_at: int | None = None  # the step whose samples were made last
 
     def due(self, step: int, epoch_end: bool) -> bool:
         config = self.config
@@ -343,6 +344,7 @@ class Saver:
             return
         from studio.generation.infotext import format_infotext, write_png
 
+        self.sampled_at = step
         config = self.config
         try:
             images = self.model.sample_images(config.sample_prompts, "", config.sample_seed, config.sample_steps,

@@ -131,8 +131,13 @@ def build(ctx: AppContext) -> GenerateTab:
                                          allow_custom_value=True, info="catalog name, hub id, or a path in the workspace")
                 c["size"] = gr.Dropdown(SIZE_CHOICES, value=size if size in SIZE_CHOICES else CUSTOM, label="Size")
             with gr.Row():
-                f["width"] = gr.Slider(256, 2048, value=defaults.get("width", 1024), step=8, label="Width")
-                f["height"] = gr.Slider(256, 2048, value=defaults.get("height", 1024), step=8, label="Height")
+                # number boxes the schema checks: a value typed outside 64-4096 is refused with a
+                # message in the status line (a slider would clamp it silently; Gradio's own range
+                # check would leave only a toast)
+                f["width"] = gr.Number(defaults.get("width", 1024), label="Width", step=8, precision=0,
+                                       info="64-4096, a multiple of 8", elem_id="gen-width")
+                f["height"] = gr.Number(defaults.get("height", 1024), label="Height", step=8, precision=0,
+                                        info="64-4096, a multiple of 8", elem_id="gen-height")
             with gr.Row():
                 f["sampler"] = gr.Dropdown(sampler_choices(ctx, ctx.settings.default_model),
                                            value=defaults.get("sampler", "Euler a"), label="Sampler")

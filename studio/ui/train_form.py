@@ -193,7 +193,8 @@ def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) ->
         f["keep_tokens"] = gr.Number(d["keep_tokens"], label="Keep tokens", precision=0, minimum=0,
                                      info="first tags kept in place: the trigger word")
         f["caption_tag_dropout_rate"] = gr.Slider(0, 0.5, value=d["caption_tag_dropout_rate"], step=0.01,
-                                                  label="Tag dropout")
+                                                  label="Tag dropout", scale=2, min_width=260,
+                                                  info="share of tags left out each step", elem_id="train-tag-dropout")
 
 
 def build_advanced(f: dict, c: dict, d: dict) -> None:

@@ -79,12 +79,15 @@ def estimate_seconds(config: TrainConfig, total_steps: int, runs_dir: Path | Non
             per_unit = 1 / step["it_s"] / _work_per_step(previous)
             return total_steps * _work_per_step(config) * per_unit, f"at the speed of run {run.name}"
     return (total_steps * _work_per_step(config) * REFERENCE_SECONDS,
-            f"rule of thumb: {REFERENCE_SECONDS} s per 1024² image on a 24 GB GPU")
+            f"on a 24 GB GPU by a rule of thumb ({REFERENCE_SECONDS} s per 1024² image); the first run of this "
+            "model here measures the real speed")
 
 
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 1:
+        return "under 1s"
     seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -103,7 +106,8 @@ def summary_markdown(summary: DataSummary, config: TrainConfig) -> str:
          + (f" ÷ {accumulation} accumulated" if accumulation > 1 else "")
          + f" = **{summary.steps_per_epoch:g} steps per epoch** · **{summary.total_steps} steps** in all "
          f"({summary.epochs:.1f} epochs)"),
-        (f"Estimated training time: **~{duration(summary.seconds)}** ({summary.basis}; model loading and "
+        (f"Estimated training time: **{'' if summary.seconds < 1 else '~'}{duration(summary.seconds)}** "
+         f"({summary.basis}; model loading and "
          "caching come on top)"),
     ]
     lines += [f"⚠ {w}" for w in summary.warnings[:5]]
