@@ -34,8 +34,9 @@ class AppServer:
             env["GRADIO_SERVER_PORT"] = str(self.port)
         self.log = open(workspace / "app.log", "w")
         self.started = time.monotonic()
+        # its own process group: stop() also ends what it started (ZeroGPU's forked workers)
         self.process = subprocess.Popen([sys.executable, "app.py", *argv], cwd=ROOT, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_until_serving(self, timeout: float = 60) -> float:
         """Seconds from start until the page answered."""
@@ -56,9 +57,15 @@ class AppServer:
         return (self.workspace / "app.log").read_text()
 
     def stop(self) -> None:
+        import signal
+
         self.process.terminate()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything of its group still running
+        except (ProcessLookupError, PermissionError):
+            pass
         self.log.close()

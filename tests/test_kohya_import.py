@@ -83,7 +83,7 @@ def test_a_kohya_ss_gui_config_maps_onto_train_config(tmp_path):
     data_dir = kohya_dataset(tmp_path)
     values, ignored, notes = import_kohya_file(write_json(tmp_path, gui_config(data_dir)))
     assert values == {
-        "pretrained_model": "cagliostrolab/animagine-xl-3.1", "v_parameterization": False,
+        "pretrained_model": "cagliostrolab/animagine-xl-3.1", "v_parameterization": False, "max_token_length": 75,
         "datasets": [{"path": str(data_dir)}], "resolution": 1024, "min_bucket_reso": 256, "max_bucket_reso": 2048,
         "bucket_reso_steps": 64, "keep_tokens": 1, "bucket_no_upscale": True, "flip_aug": False,
         "shuffle_caption": True, "cache_latents": True, "caption_dropout_rate": 0.05,

@@ -182,6 +182,27 @@ def test_kohya_dora_file_keeps_its_magnitudes(fixtures, stack):
     np.testing.assert_allclose(image, fixtures.ref_d, atol=1e-4)
 
 
+def test_a_per_input_dora_scale_is_told_apart_from_a_per_output_one(fixtures, stack, tmp_path):
+    """LyCORIS wd_on_output=False writes dora_scale as [1, in]: on a square layer, reading it as
+    per-output would apply another model silently; it is refused by name instead."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from studio.generation.lora import dora_per_input
+
+    up, down = torch.zeros(64, 4), torch.zeros(4, 64)
+    assert not dora_per_input(torch.ones(64, 1), up, down)
+    assert dora_per_input(torch.ones(1, 64), up, down), "square: told by the axis, not the size"
+    assert dora_per_input(torch.ones(1, 32), torch.zeros(64, 4), torch.zeros(4, 32))
+    tensors = load_file(str(fixtures.d))
+    per_input = {k: (v.reshape(1, -1) if k.endswith(".dora_scale") and v.dim() == 2 else v) for k, v in tensors.items()}
+    path = tmp_path / "per_input_dora.safetensors"
+    save_file(per_input, str(path))
+    with pytest.raises(LoraError, match="per-input DoRA .LyCORIS wd_on_output=False"):
+        stack.apply(specs((path, 1.0)))
+    assert np.array_equal(generate(stack.pipe), fixtures.base), "nothing was left applied"
+
+
 def test_weight_changes_the_image(fixtures, stack):
     stack.apply(specs((fixtures.a, 1.0)))
     full = generate(stack.pipe)

@@ -205,9 +205,15 @@ def test_latent_cache_keys_change_with_image_bucket_and_vae(dataset, tmp_path):
 def test_other_network_types_train_and_export(dataset, tmp_path, demo_models_dir, network):
     result = run(fast_config(dataset, max_train_steps=2, network_type=network), tmp_path, demo_models_dir)
     assert result.status == "done"
-    if network == "dora":  # kohya file with DoRA magnitudes
-        keys = load_file(str(result.run_dir / "loras" / "lora.safetensors")).keys()
-        assert any(k.endswith(".dora_scale") for k in keys)
+    if network == "dora":  # kohya file with DoRA magnitudes, labelled the way LyCORIS labels DoRA
+        path = result.run_dir / "loras" / "lora.safetensors"
+        assert any(k.endswith(".dora_scale") for k in load_file(str(path)).keys())
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        # sd-scripts' networks.lora would silently drop every dora_scale: lycoris.kohya reads them
+        assert meta["ss_network_module"] == "lycoris.kohya"
+        args = json.loads(meta["ss_network_args"])
+        assert (args["algo"], args["dora_wd"], args["wd_on_output"]) == ("lora", "True", "True")
     else:  # peft's own format only: A1111/ComfyUI cannot read LoKr from a kohya file we would write
         assert result.loras == []
         adapter = result.run_dir / "diffusers" / "lora" / "unet"

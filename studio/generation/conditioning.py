@@ -157,6 +157,16 @@ def _chunk_runs(tokenizer, runs: list[tuple[str, float]]) -> PromptChunks:
     return PromptChunks(all_ids, all_weights, token_count)
 
 
+def caption_chunk_ids(tokenizer, caption: str, chunks: int) -> list[list[int]]:
+    """A training caption as exactly `chunks` windows of [bos] + 75 tokens + [eos], split as
+    generation splits a prompt (at a recent comma), without reading emphasis or BREAK (a caption
+    is plain text); longer captions are cut after the last window, shorter ones padded with empty
+    windows, so every caption of a run has the same length (kohya's max_token_length)."""
+    ids = _chunk_runs(tokenizer, [(caption, 1.0)]).ids[:chunks]
+    empty = _chunk_runs(tokenizer, [("", 1.0)]).ids
+    return ids + empty * (chunks - len(ids))
+
+
 def _chunk_length(tokenizer) -> int:
     max_length = tokenizer.model_max_length
     if not 3 <= max_length <= 1024:

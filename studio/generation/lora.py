@@ -346,6 +346,16 @@ def _kohya_module_names(pipe: Any) -> dict[str, tuple[str, str]]:
     return names
 
 
+def dora_per_input(magnitude, up, down) -> bool:
+    """Whether a `dora_scale` holds one magnitude per input column (LyCORIS `wd_on_out=False`,
+    shape [1, in(, 1, 1)]) rather than per output row ([out, 1(, 1, 1)]): told by which axis is
+    1, so a square layer is not misread."""
+    out_features, in_features = up.shape[0], down.shape[1]
+    if magnitude.dim() < 2:
+        return magnitude.numel() != out_features and magnitude.numel() == in_features
+    return magnitude.shape[0] == 1 and magnitude.shape[1] == in_features and out_features != 1
+
+
 def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
     """A kohya DoRA file as the peft-layout dict diffusers loads with its magnitudes:
     `{component}.{module}.lora_A.weight` / `lora_B.weight` (alpha / rank baked into B) /
@@ -370,6 +380,12 @@ def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
         converted[f"{prefix}.lora_B.weight"] = up * scale
         magnitude = tensors.get(f"{lora_name}.dora_scale")
         if magnitude is not None:
+            if dora_per_input(magnitude, up, down):
+                raise LoraError(
+                    f"{path.name} is a per-input DoRA (LyCORIS wd_on_output=False: dora_scale of shape "
+                    f"{tuple(magnitude.shape)} on {lora_name}); only per-output DoRA ([out, 1]) can be applied "
+                    "here. ComfyUI and Forge load it; or train it again with wd_on_out=True"
+                )
             shape = (1, -1, 1, 1) if down.dim() == 4 else (-1,)
             converted[f"{prefix}.lora_magnitude_vector"] = magnitude.reshape(shape)
     if not converted:

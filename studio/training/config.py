@@ -19,7 +19,7 @@ NetworkTarget = Literal["attention", "attention_ff", "all"]
 RESUME_INVARIANT = (
     "pretrained_model", "vae", "datasets", "resolution", "min_bucket_reso", "max_bucket_reso",
     "bucket_reso_steps", "bucket_no_upscale", "flip_aug", "caption_scheme", "shuffle_caption", "keep_tokens",
-    "keep_tokens_separator", "caption_tag_dropout_rate", "caption_dropout_rate", "mixed_captions",
+    "keep_tokens_separator", "caption_tag_dropout_rate", "caption_dropout_rate", "mixed_captions", "max_token_length",
     "network_type", "network_target", "network_dim", "network_alpha", "train_text_encoder", "train_llm_adapter", "learning_rate",
     "unet_lr", "text_encoder_lr", "llm_adapter_lr", "optimizer_type", "optimizer_args", "weight_decay", "lr_scheduler",
     "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "max_train_steps",
@@ -66,6 +66,9 @@ class TrainConfig(_Config):
     keep_tokens_separator: str = "|||"
     caption_tag_dropout_rate: float = Field(0.0, ge=0, lt=1)
     caption_dropout_rate: float = Field(0.0, ge=0, lt=1)
+    # SDXL: captions up to 75 (one CLIP window), 150 or 225 tokens, in 75-token chunks as generation
+    # encodes prompts (kohya's max_token_length); Anima's Qwen3 encoder takes long captions anyway
+    max_token_length: Literal[75, 150, 225] = 75
     mixed_captions: MixedCaptionConfig = MixedCaptionConfig()
     cache_latents: bool = True
     cache_text_encoder_outputs: bool = False
@@ -178,6 +181,9 @@ class TrainConfig(_Config):
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two resume fingerprints."""
+    """Human-readable differences between two resume fingerprints. A setting added to the studio
+    after a run started is missing from its fingerprint: its default is what that run used."""
+    defaults = TrainConfig().model_dump(mode="json")
+    old = {key: old.get(key, defaults.get(key)) for key in set(old) | set(new)}
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]

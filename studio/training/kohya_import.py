@@ -237,9 +237,10 @@ def _model(read: _Reader, values: dict) -> None:
                           "SDXL: check pretrained_model")
     if (skip := read.integer("clip_skip")) and skip > 1:  # sd-scripts does not apply it to SDXL either
         read.ignore("clip_skip", f"clip_skip {skip}: SDXL LoRAs use the penultimate layer of both text encoders")
-    if (tokens := read.integer("max_token_length")) and tokens > 75:
-        read.ignore("max_token_length", f"max_token_length {tokens}: the studio encodes captions as one window "
-                                        "of 75 tokens; longer captions are cut")
+    if tokens := read.integer("max_token_length"):
+        if tokens not in (75, 150, 225):
+            raise read.error("max_token_length", f"{tokens}: sd-scripts takes 75, 150 or 225")
+        values["max_token_length"] = tokens
 
 
 def _data(read: _Reader, values: dict) -> None:

@@ -116,21 +116,31 @@ class SDXLTrainingModel:
         and encoder 2's pooled projection. Gradients flow when the encoders are trained."""
         import torch
 
+        from studio.generation.conditioning import caption_chunk_ids
+
+        chunks = self.config.max_token_length // 75
         states, pooled = [], None
         grad = torch.enable_grad() if self.config.train_text_encoder else torch.no_grad()
         with grad:
             for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
-                output = encoder(ids, output_hidden_states=True)
-                states.append(output.hidden_states[-2])
-                pooled = output[0]
+                if chunks == 1:
+                    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids
+                else:  # each caption in `chunks` windows, encoded together, joined as generation joins them
+                    ids = torch.tensor([row for caption in captions
+                                        for row in caption_chunk_ids(tokenizer, caption, chunks)])
+                output = encoder(ids.to(self.device), output_hidden_states=True)
+                hidden = output.hidden_states[-2]
+                states.append(hidden.reshape(len(captions), -1, hidden.shape[-1]))
+                pooled = output[0][::chunks]  # the first window's, as in generation
         return torch.cat(states, dim=-1), pooled
 
     def text_identity(self) -> str:
         from studio.training.cache import module_identity
 
-        return module_identity(*self.text_encoders)
+        identity = module_identity(*self.text_encoders)
+        tokens = self.config.max_token_length
+        return identity if tokens == 75 else f"{identity}-tokens{tokens}"
 
     def vae_identity(self) -> str:
         from studio.training.cache import module_identity

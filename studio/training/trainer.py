@@ -278,6 +278,9 @@ def _peak_vram() -> float | None:
     return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
 
+LYCORIS_PRESETS = {"attention": "attn-only", "attention_ff": "attn-mlp", "all": "full"}  # LyCORIS' preset names
+
+
 class Saver:
     """Checkpoints (LoRA files + full training state), samples, and keeping the last K."""
 
@@ -327,6 +330,11 @@ class Saver:
 
         config = self.config
         args = {"algo": config.network_type, "target": config.network_target}
+        module = self.model.metadata_kwargs()
+        if config.network_type == "dora":  # labelled as LyCORIS labels DoRA: sd-scripts' networks.lora drops dora_scale
+            module["network_module"] = "lycoris.kohya"
+            args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True",  # per output row, as peft
+                    "preset": LYCORIS_PRESETS[config.network_target]}
         width = config.resolutions[0]
         return kohya_metadata(
             output_name=name, network_dim=config.network_dim, network_alpha=config.network_alpha,
@@ -334,7 +342,7 @@ class Saver:
             unet_lr=config.unet_lr, text_encoder_lr=config.text_encoder_lr if config.train_text_encoder else None,
             optimizer=config.optimizer_type, lr_scheduler=config.lr_scheduler, max_train_steps=self.plan.total_steps,
             steps=step, epoch=epoch + 1, num_epochs=math.ceil(self.plan.total_steps / self.plan.steps_per_epoch),
-            resolution=(width, width), tag_frequency=self.data.tag_frequency, **self.model.metadata_kwargs(),
+            resolution=(width, width), tag_frequency=self.data.tag_frequency, **module,
         )
 
     def samples(self, step: int, epoch: int, log: EventLog, stop: threading.Event | None = None) -> None:

@@ -29,7 +29,8 @@ TRAIN_FIELDS: tuple[str, ...] = (
     "network_type", "network_target", "optimizer_type", "lr_scheduler", "lr_warmup_steps",
     "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "weight_decay", "gradient_accumulation_steps",
     "noise_offset", "min_snr_gamma", "mixed_precision", "gradient_checkpointing", "cache_latents",
-    "cache_text_encoder_outputs", "flip_aug", "caption_scheme", *(f"mixed_{key}" for key in MIXED_KEYS),
+    "cache_text_encoder_outputs", "flip_aug", "max_token_length", "caption_scheme",
+    *(f"mixed_{key}" for key in MIXED_KEYS),
     "validation_images", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "save_last_n",
     "sample_prompts", "sample_every_n_steps", "sample_steps", "sample_size", "seed",
 )
@@ -226,6 +227,9 @@ def build_advanced(f: dict, c: dict, d: dict) -> None:
         f["cache_latents"] = gr.Checkbox(d["cache_latents"], label="Cache latents")
         f["cache_text_encoder_outputs"] = gr.Checkbox(d["cache_text_encoder_outputs"], label="Cache text encoder")
         f["flip_aug"] = gr.Checkbox(d["flip_aug"], label="Flip images")
+        f["max_token_length"] = gr.Dropdown([75, 150, 225], value=d["max_token_length"], label="Caption tokens",
+                                            info="SDXL: longer tag lists in 75-token chunks, as generation reads "
+                                                 "prompts (kohya's max_token_length)")
     f["caption_scheme"] = gr.Radio(["kohya", "mixed"], value=d["caption_scheme"], label="Captions",
                                    info="kohya: the tag file; mixed: tags and NL captions (_nl.txt) by weight")
     with gr.Row(visible=d["caption_scheme"] == "mixed") as c["mixed_row"]:  # shown for the mixed scheme
