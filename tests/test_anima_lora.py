@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from studio.errors import LoraError
 from studio.generation.generate import generate
@@ -198,3 +198,46 @@ def test_an_sdxl_lora_is_refused_on_anima(manager, tmp_path):
     path = write_demo_kohya_lora(tmp_path / "sdxl.safetensors", seed=1)
     with pytest.raises(LoraError, match="SDXL.*Anima"):
         run(manager, tmp_path, [(path, 1.0)])
+
+
+TE_TARGETS = {"r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+@pytest.fixture(scope="module")
+def te_files(tmp_path_factory):
+    """A LoRA on the DiT and on the Qwen3 text encoder, as ComfyUI (and our trainer) names the
+    encoder's keys and as sd-scripts' raw files do (`lora_te_*`, lora_down/lora_up + alpha)."""
+    from studio.models.demo_anima import build_demo_anima_pipeline
+
+    folder = tmp_path_factory.mktemp("anima-te-loras")
+    pipe = build_demo_anima_pipeline()
+    sds = add_random_lora(pipe, {"transformer": LORA_TARGETS["transformer"], "text_encoder": TE_TARGETS},
+                          seed=5, b_std=0.05)
+    dit_only = {"transformer": sds["transformer"]}
+    comfy = write_comfyui(folder / "dit.safetensors", dit_only)
+    tensors = load_file(str(comfy))
+    kohya = dict(tensors)
+    for module, (a, b) in _modules(sds["text_encoder"]).items():
+        tensors[f"text_encoders.qwen3_06b.transformer.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"text_encoders.qwen3_06b.transformer.model.{module}.lora_B.weight"] = (b * (ALPHA / RANK)).contiguous()
+        kohya[f"lora_te_{module.replace('.', '_')}.lora_down.weight"] = a.contiguous()
+        kohya[f"lora_te_{module.replace('.', '_')}.lora_up.weight"] = b.contiguous()
+        kohya[f"lora_te_{module.replace('.', '_')}.alpha"] = torch.tensor(ALPHA)
+    save_file(tensors, str(folder / "comfy_te.safetensors"))
+    save_file(kohya, str(folder / "kohya_te.safetensors"))
+    return {"ref": plain_image(pipe), "dit": comfy, "comfyui": folder / "comfy_te.safetensors",
+            "kohya": folder / "kohya_te.safetensors"}
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya"])
+def test_the_text_encoders_lora_is_applied_too(manager, te_files, base, tmp_path, layout):
+    """Our own files (and ComfyUI's) carry the Qwen3 encoder's LoRA: generation applies it, so the
+    image is the in-memory model's, not the DiT part's alone; removal restores the base."""
+    dit_only, _ = run(manager, tmp_path, [(te_files["dit"], 1.0)])
+    image, result = run(manager, tmp_path, [(te_files[layout], 1.0)])
+    assert not result.warnings, result.warnings  # no "only 24 of its 32 layers match"
+    assert np.abs(image - dit_only).max() > 0, "the text encoder's part changes the image"
+    assert np.abs(image - te_files["ref"]).max() <= 2
+    half, _ = run(manager, tmp_path, [(te_files[layout], 0.5)])
+    assert np.abs(half - image).max() > 0
+    assert np.array_equal(run(manager, tmp_path)[0], base)

@@ -95,6 +95,8 @@ class LoraStack:
         self.pipe = pipe
         self.family = family
         self.components = LORA_COMPONENTS_BY_FAMILY.get(family, LORA_COMPONENTS)
+        if family == "anima":  # its Qwen3 text encoder: diffusers' Anima loader has no LoRA for it
+            self.components = (*self.components, "text_encoder")
         self._loaded: dict[Path, _Adapter] = {}
         self._active: list[tuple[_Adapter, float]] = []
         self._counter = 0
@@ -193,9 +195,15 @@ class LoraStack:
             f"{path.name} matches none of this model's layers; it changes nothing "
             "(is it for another model, or saved with layer names this loader does not know?)"
         )
+        text_encoder: dict = {}
+        if self.family == "anima":
+            source, text_encoder = _anima_text_encoder_part(self.pipe, path, source)
         try:
             with _quiet_expected_peft_warnings():
-                self.pipe.load_lora_weights(source, adapter_name=adapter_name)
+                if source:
+                    self.pipe.load_lora_weights(source, adapter_name=adapter_name)
+                if text_encoder:
+                    _load_text_encoder_lora(self.pipe.text_encoder, text_encoder, adapter_name)
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:
             from peft import NoMatchingPeftModuleError
 
@@ -261,16 +269,38 @@ class LoraStack:
             names.update(component_adapters)
         return names
 
+    def _text_encoder_adapters(self) -> set[str]:
+        model = getattr(self.pipe, "text_encoder", None) if self.family == "anima" else None
+        return set(getattr(model, "peft_config", {}) or {}) if model is not None else set()
+
     def _delete(self, adapter_name: str) -> None:
         if adapter_name in self._adapter_names():
             with _quiet_expected_peft_warnings():
                 self.pipe.delete_adapters(adapter_name)
+        if adapter_name in self._text_encoder_adapters():
+            from diffusers.utils.peft_utils import delete_adapter_layers
+
+            delete_adapter_layers(self.pipe.text_encoder, adapter_name)
 
     def _activate(self, stack: list[tuple[_Adapter, float]]) -> None:
         if stack:
-            self.pipe.set_adapters([a.adapter_name for a, _ in stack], [float(w) for _, w in stack])
+            in_pipe, in_text_encoder = self._adapter_names(), self._text_encoder_adapters()
+            piped = [(a.adapter_name, float(w)) for a, w in stack if a.adapter_name in in_pipe]
+            if piped:
+                self.pipe.set_adapters([name for name, _ in piped], [w for _, w in piped])
+            if in_text_encoder:
+                from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+                encoded = [(a.adapter_name, float(w)) for a, w in stack if a.adapter_name in in_text_encoder]
+                set_weights_and_activate_adapters(self.pipe.text_encoder, [n for n, _ in encoded],
+                                                  [w for _, w in encoded])
         elif self._has_lora_layers():
             self.pipe.unload_lora_weights()  # removes the peft layers: base output, bit for bit
+            if self.family == "anima" and getattr(self.pipe, "text_encoder", None) is not None:
+                from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+                recurse_remove_peft_layers(self.pipe.text_encoder)
+                self.pipe.text_encoder.peft_config = {}
 
     def _has_lora_layers(self) -> bool:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -479,6 +509,79 @@ def _anima_source(pipe: Any, path: Path, info: LoraInfo) -> Any:
             "(is it for another model, or saved with layer names this loader does not know?)"
         )
     return converted
+
+
+ANIMA_TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_06b.transformer.model.",  # ComfyUI (and our files)
+                               "text_encoders.qwen3_06b.transformer.",
+                               "text_encoder.")  # diffusers' component name
+_TE_PARTS = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up",
+             "alpha": "alpha"}
+
+
+def _anima_text_encoder_part(pipe: Any, path: Path, source: Any) -> tuple[Any, dict]:
+    """Split an Anima file into what diffusers loads (the DiT and LLM adapter: `source` without
+    text-encoder keys, or None when nothing is left) and the Qwen3 text encoder's LoRA as
+    {module path: (down, up with alpha / rank baked in)}: ComfyUI's
+    `text_encoders.qwen3_06b.transformer.model.<module>` and sd-scripts' `lora_te_<module_with_underscores>`."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = getattr(pipe, "text_encoder", None)
+    if model is None:
+        return source, {}
+    tensors = load_file(str(path))
+    flat = {}
+    for module_path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in module_path:
+            module_path = module_path.removesuffix(".base_layer")
+            for name in (module_path, f"model.{module_path}"):
+                flat["lora_te_" + name.replace(".", "_")] = module_path
+    grouped: dict[str, dict] = {}
+    rest = {}
+    for key, tensor in tensors.items():
+        module, part = None, None
+        for suffix, short in _TE_PARTS.items():
+            if key.endswith("." + suffix):
+                name = key[: -len(suffix) - 1]
+                prefix = next((p for p in ANIMA_TEXT_ENCODER_PREFIXES if name.startswith(p)), None)
+                module = name[len(prefix):] if prefix else flat.get(name)
+                part = short
+                break
+        if module is None:
+            rest[key] = tensor
+        else:
+            grouped.setdefault(module, {})[part] = tensor
+    if not grouped:
+        return source, {}
+    if isinstance(source, str):  # diffusers would read the file whole: hand it the rest only
+        source = rest or None
+    lora = {}
+    for module, parts in grouped.items():
+        if "down" not in parts or "up" not in parts:
+            raise LoraError(f"{path.name} is corrupt: the text encoder's {module} lacks its down or up weight")
+        scale = float(parts["alpha"]) / parts["down"].shape[0] if "alpha" in parts else 1.0
+        lora[module] = (parts["down"], parts["up"] * scale if scale != 1.0 else parts["up"])
+    return source, lora
+
+
+def _load_text_encoder_lora(model: Any, lora: dict, adapter_name: str) -> None:
+    """Add `lora` ({module path: (down, up)}) to the text encoder as the peft adapter `adapter_name`."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    known = {name for name, _ in model.named_modules()}
+    matched = {module: pair for module, pair in lora.items() if module in known}
+    if not matched:
+        return
+    ranks = {module: down.shape[0] for module, (down, _) in matched.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(matched),
+                        rank_pattern={m: r for m, r in ranks.items() if r != rank},
+                        alpha_pattern={m: r for m, r in ranks.items() if r != rank})
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    state = {}
+    for module, (down, up) in matched.items():
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
 def import_lora_file(source: Path, loras_dir: Path) -> Path:
