@@ -211,3 +211,43 @@ def test_a_width_typed_outside_the_range_is_refused_with_a_message_not_clamped(p
     finally:
         width.fill("256")
         width.press("Tab")
+
+
+def test_a_reload_shows_the_work_that_runs(browser, app_server):
+    """Reloading during training shows the run's real settings; reloading during a generation
+    follows its progress and then shows its image."""
+    from gradio_client import Client
+
+    from tests.train_fixtures import make_dataset
+
+    client = Client(app_server.url, verbose=False, analytics_enabled=False)
+    make_dataset(app_server.workspace / "datasets" / "reload-train", count=2)
+    client.predict("reload-train", api_name="/train", max_train_steps=4000, output_name="reloaded-run",
+                   settings={"sample_every_n_steps": 0, "validation_images": 0, "network_dim": 5})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(app_server.url)
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function("document.querySelector('#train-output-name textarea')?.value === 'reloaded-run'",
+                               timeout=30_000)
+        assert page.locator("#train-max-steps input").input_value() == "4000"
+        assert page.locator("#train-network-dim input[type=number]").input_value() == "5"
+        assert "reload-train" in page.locator("#train-datasets").inner_text()
+    finally:
+        client.predict(api_name="/train_stop")
+    deadline = __import__("time").monotonic() + 300
+    while "Stopped" not in client.predict(api_name="/train_status")[0]:
+        assert __import__("time").monotonic() < deadline, "training did not stop"
+        __import__("time").sleep(0.5)
+
+    job = client.submit("1girl, solo", api_name="/generate", steps=60, width=256, height=256, seed=3)
+    try:
+        page.reload()
+        page.get_by_role("tab", name="Generate").click()
+        page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('%')", timeout=60_000)
+        page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Done: 1 image')",
+                               timeout=300_000)
+        page.locator("#gen-gallery img").first.wait_for(state="visible", timeout=30_000)
+    finally:
+        job.result(timeout=300)
+        page.close()

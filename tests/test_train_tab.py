@@ -298,3 +298,19 @@ def test_stop_during_latent_caching_ends_the_job_within_seconds_and_frees_the_gp
     assert view.last_event(ctx.settings.runs_dir / run.value, "step") is None, "nothing trained"
     with ctx.manager.gpu_lane("check", exclusive=True):  # free again (a held lane raises BusyError at once)
         pass
+
+
+def test_a_page_opened_during_a_run_shows_that_runs_settings(ctx):
+    make_dataset(ctx.settings.datasets_dir / "chars")
+    assert all(isinstance(v, type(gr.skip())) for v in tab.running_form(ctx)), "nothing runs: the form stays"
+    values = form_dict(ctx, max_train_steps=400, network_dim=6, sample_every_n_steps=0, sample_prompts="",
+                       validation_images=0, output_name="reloaded")
+    run, _ = tab.on_start(ctx, *form_tuple(values))
+    try:
+        shown = dict(zip(form.TRAIN_FIELDS, tab.running_form(ctx)))
+        assert shown["datasets"] == ["chars"] and shown["output_name"] == "reloaded"
+        assert (shown["max_train_steps"], shown["network_dim"]) == (400, 6)
+        assert isinstance(shown["preset"], type(gr.skip()))
+    finally:
+        tab.on_stop(ctx)
+        ctx.jobs.latest("train").wait(600)

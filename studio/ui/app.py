@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import AppContext
-from studio.ui import caption_tab, generate_tab, status, train_tab
+from studio.ui import caption_tab, generate_tab, status, train_form, train_tab
 from studio.ui.forms import name_input_errors
 
 CSS_FILE = "assets/studio.css"
@@ -77,6 +77,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         generate_tab.wire(tabs_ctx, tab)
         lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab)]
         app.load(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False)
+        # a reload while work runs shows that work: the run's real settings, the generation's progress
+        app.load(partial(train_tab.running_form, tabs_ctx), outputs=[train.fields[n] for n in train_form.TRAIN_FIELDS],
+                 api_visibility="private", queue=False)
+        app.load(partial(generate_tab.on_reconnect, tabs_ctx), outputs=tab.reconnect_outputs,
+                 api_visibility="private", concurrency_limit=None, show_progress="hidden")
         for page in (caption_page, train_page, generate_page):  # and whenever a tab is shown
             page.select(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False,
                         show_progress="hidden")

@@ -59,6 +59,7 @@ class GenerateTab:
 
     fields: dict[str, gr.components.Component] = field(default_factory=dict)
     components: dict[str, gr.components.Component] = field(default_factory=dict)
+    reconnect_outputs: list = field(default_factory=list)
 
 
 def lora_choices(ctx: AppContext) -> list[str]:
@@ -260,6 +261,29 @@ def on_generate(ctx: AppContext, session: list, *values):
     yield session, status, result.images[0].infotext if result.images else "", session
 
 
+def on_reconnect(ctx: AppContext):
+    """A page opened (or reloaded) while a generation or grid runs: follow its progress in the
+    status line, then show what it made, as the page that started it would have."""
+    job = next((j for j in map(ctx.jobs.latest, ("generate", "grid")) if j is not None and j.running), None)
+    if job is None:
+        return
+    while job.running:
+        yield gr.skip(), job_status_line(job), gr.skip(), gr.skip(), gr.skip()
+        time.sleep(POLL_SECONDS)
+    if job.state == "stopped":
+        yield gr.skip(), "Stopped.", gr.skip(), gr.skip(), gr.skip()
+    elif job.state == "failed":
+        yield gr.skip(), f"⚠ **Error:** {job.error}", gr.skip(), gr.skip(), gr.skip()
+    elif job.name == "grid":
+        yield gr.skip(), f"Grid done in {job.elapsed:.1f}s: {job.result.path.name}", gr.skip(), gr.skip(), \
+            str(job.result.path)
+    else:
+        shown = [(str(image.path), f"seed {image.seed}") for image in job.result.images]
+        status = f"Done: {len(shown)} image(s) in {job.elapsed:.1f}s · model {job.result.model}"
+        infotext = job.result.images[0].infotext if job.result.images else ""
+        yield shown, status, infotext, shown, gr.skip()
+
+
 def api_generate(ctx: AppContext, *values):
     """The /generate API endpoint: same inputs as the form, returns the image files."""
     job = _start_generation(ctx, values)
@@ -451,6 +475,7 @@ def wire(ctx: AppContext, tab: GenerateTab) -> None:
                           api_name="generate", concurrency_id="gpu",
                           api_description="Generate images; returns the PNG files (with A1111 infotext).")
     c["stop"].click(lambda: on_stop(ctx), outputs=c["status"], api_name="stop", queue=False)
+    tab.reconnect_outputs = [c["gallery"], c["status"], c["infotext"], c["session_images"], c["grid_image"]]
     c["gallery"].select(on_select, outputs=c["infotext"], api_visibility="private")
     preview_inputs = [f["model"], f["prompt"], f["negative_prompt"], *(f[n] for n in PREVIEW_STYLE)]
     for component in preview_inputs:

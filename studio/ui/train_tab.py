@@ -268,6 +268,26 @@ def refresh(ctx: AppContext, run: str | None, seen: dict | None) -> dict:
     return {**out, "seen": {**seen, "runs": names, "key": key, "checkpoints": found}}
 
 
+def running_form(ctx: AppContext) -> list:
+    """A page opened (or reloaded) while a run trains: the form shows that run's real settings
+    (its datasets, steps, name...), not the preset's defaults. Otherwise the form is left alone."""
+    from studio.training.runs import read_run_config
+
+    job, runs = ctx.jobs.latest(JOB_NAME), view.list_runs(ctx.settings.runs_dir)
+    if job is None or not job.running or not runs:
+        return [gr.skip()] * len(form.TRAIN_FIELDS)
+    try:
+        config = read_run_config(runs[0])
+    except StudioError:
+        return [gr.skip()] * len(form.TRAIN_FIELDS)
+    values = form.form_values(config)
+    datasets_dir = ctx.settings.datasets_dir.resolve()
+    names = [Path(d.path).name if Path(d.path).parent == datasets_dir else d.path for d in config.datasets]
+    values.update(datasets=names, output_name=config.output_name,
+                  num_repeats=(config.datasets[0].num_repeats or 0) if config.datasets else 0)
+    return [values.get(name, gr.skip()) if name != "preset" else gr.skip() for name in form.TRAIN_FIELDS]
+
+
 # -- handlers: checkpoints to the Generate tab ----------------------------------------------------
 def _published(ctx: AppContext, run: str | None, selected: list[str] | None, at_least: int = 1) -> list[Path]:
     run_dir = view.run_folder(ctx.settings.runs_dir, run)
