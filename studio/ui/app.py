@@ -40,9 +40,10 @@ def current_lists(ctx: AppContext) -> list:
     from studio.ui.caption_form import dataset_choices
 
     datasets = dataset_choices(ctx.settings)
-    loras = ["", *generate_tab.lora_choices(ctx)]
+    loras = [("", ""), *generate_tab.lora_choices(ctx)]
     return [gr.Dropdown(choices=datasets), gr.Dropdown(choices=datasets),
-            *(gr.Dropdown(choices=loras) for _ in range(generate_tab.LORA_SLOTS))]
+            *(gr.Dropdown(choices=loras) for _ in range(generate_tab.LORA_SLOTS)),
+            gr.Dropdown(choices=generate_tab.model_choices(ctx))]
 
 
 def visitor_tabs(ctx: AppContext) -> list:
@@ -75,7 +76,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         train_tab.wire(tabs_ctx, train, generate=tab, tabs=tabs)
         before = set(app.fns)  # what follows is for signed-out visitors too
         generate_tab.wire(tabs_ctx, tab)
-        lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab)]
+        lists = [caption["dataset"], train.fields["datasets"], *generate_tab.lora_dropdowns(tab), tab.fields["model"]]
         app.load(partial(current_lists, tabs_ctx), outputs=lists, api_visibility="private", queue=False)
         # a reload while work runs shows that work: the run's real settings, the generation's progress
         app.load(partial(train_tab.running_form, tabs_ctx), outputs=[train.fields[n] for n in train_form.TRAIN_FIELDS],

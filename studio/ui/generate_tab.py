@@ -62,9 +62,23 @@ class GenerateTab:
     reconnect_outputs: list = field(default_factory=list)
 
 
-def lora_choices(ctx: AppContext) -> list[str]:
+def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """(label, value): the workspace's LoRAs by name, then those of the owner's model folders
+    (ComfyUI's loras/, A1111's Lora/) by absolute path."""
+    from studio.models.folders import model_files
+
     folder = ctx.settings.loras_dir
-    return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    own = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    return [(name, name) for name in own] + model_files(ctx.settings.model_dirs, "lora")
+
+
+def model_choices(ctx: AppContext, family: str | None = None) -> list[tuple[str, str]]:
+    """(label, value): the catalog's models (of `family`, if given), then the checkpoints of the
+    owner's model folders (ComfyUI's checkpoints/, A1111's Stable-diffusion/)."""
+    from studio.models.folders import model_files
+
+    names = [name for name, entry in ctx.manager.catalog.items() if family is None or entry.family == family]
+    return [(name, name) for name in names] + model_files(ctx.settings.model_dirs, "checkpoint")
 
 
 def lora_dropdowns(tab: GenerateTab) -> list:
@@ -127,7 +141,7 @@ def build(ctx: AppContext) -> GenerateTab:
                                                elem_id="gen-final-prompt")
                 c["final_negative"] = gr.Textbox(label="Final negative prompt", interactive=False, lines=2)
             with gr.Row():
-                f["model"] = gr.Dropdown(list(ctx.manager.catalog), value=ctx.settings.default_model, label="Model",
+                f["model"] = gr.Dropdown(model_choices(ctx), value=ctx.settings.default_model, label="Model",
                                          elem_id="gen-model",
                                          allow_custom_value=True, info="catalog name, hub id, or a path in the workspace")
                 c["size"] = gr.Dropdown(SIZE_CHOICES, value=size if size in SIZE_CHOICES else CUSTOM, label="Size")
@@ -152,7 +166,8 @@ def build(ctx: AppContext) -> GenerateTab:
                 choices = lora_choices(ctx)
                 for i in range(1, LORA_SLOTS + 1):
                     with gr.Row():
-                        f[f"lora_{i}"] = gr.Dropdown(["", *choices], value="", label=f"LoRA {i}", allow_custom_value=True,
+                        f[f"lora_{i}"] = gr.Dropdown([("", ""), *choices], value="", label=f"LoRA {i}",
+                                                     allow_custom_value=True,
                                                      scale=3, elem_id=f"gen-lora-{i}")
                         f[f"lora_{i}_weight"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
                 with gr.Row():
@@ -424,7 +439,7 @@ def on_lora_upload(ctx: AppContext, path: str | None):
 
 
 def on_lora_refresh(ctx: AppContext):
-    choices = ["", *lora_choices(ctx)]
+    choices = [("", ""), *lora_choices(ctx)]
     return [gr.Dropdown(choices=choices) for _ in range(LORA_SLOTS)]
 
 

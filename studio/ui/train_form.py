@@ -172,8 +172,10 @@ def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) ->
         c["buckets"] = gr.Dataframe(headers=["resolution", "bucket", "images", "with repeats"], interactive=False,
                                     max_height=240)
     with gr.Row():
-        sdxl = [name for name, entry in ctx.manager.catalog.items() if entry.family == "sdxl"]
-        f["pretrained_model"] = gr.Dropdown(sdxl, value=d["pretrained_model"], label="Base model", scale=3,
+        from studio.ui.generate_tab import model_choices
+
+        f["pretrained_model"] = gr.Dropdown(model_choices(ctx, "sdxl"), value=d["pretrained_model"],
+                                            label="Base model", scale=3,
                                             allow_custom_value=True, info="catalog name, hub id or a workspace path")
         f["output_name"] = gr.Textbox("lora", label="Output name", info="LoRA file and run folder name", scale=2,
                                       elem_id="train-output-name")

@@ -311,7 +311,7 @@ def on_use(ctx: AppContext, run: str | None, selected: list[str] | None, *slots:
         slots[next((i for i, value in enumerate(slots) if not value), 0)] = name
     base = run_base_model(ctx, run)
     gr.Info(f"{name} is in workspace/loras and in the LoRA stack of the Generate tab, on its base model {base}.")
-    choices = ["", *lora_choices(ctx)]
+    choices = [("", ""), *lora_choices(ctx)]
     return [*(gr.Dropdown(choices=choices, value=v) for v in slots), base, gr.Accordion(open=True),
             gr.Tabs(selected="generate")]
 
@@ -331,7 +331,7 @@ def on_compare(ctx: AppContext, run: str | None, selected: list[str] | None, slo
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
     gr.Info(f"The grid's X axis holds {len(files)} checkpoints: write a prompt and press Make grid.")
-    choices = ["", *lora_choices(ctx)]
+    choices = [("", ""), *lora_choices(ctx)]
     return [*(gr.Dropdown(choices=choices) for _ in range(slots)), run_base_model(ctx, run), "LoRA file",
             ", ".join(p.name for p in files), gr.Accordion(open=True), gr.Tabs(selected="generate")]
 
