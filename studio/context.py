@@ -34,6 +34,8 @@ class AppContext:
     _datasets: dict[Path, Any] = field(default_factory=dict)
     _datasets_lock: threading.Lock = field(default_factory=threading.Lock)
     _users: dict[str | None, AppContext] = field(default_factory=dict)
+    _queue_runner: Any = None
+    waiting_generations: int = 0  # generations that wait for training to end (the queue lets them go first)
 
     @classmethod
     def create(cls, settings: Settings) -> AppContext:
@@ -70,6 +72,35 @@ class AppContext:
                     settings.ensure_workspace()
                 self._users[user] = AppContext(settings, self.manager, JobRunner(), user=user)
             return self._users[user]
+
+    # -- the run queue ------------------------------------------------------------------------------
+    @property
+    def run_queue(self):
+        from studio.training.queue import RunQueue
+
+        return RunQueue(self.settings.workspace)
+
+    def training_running(self) -> bool:
+        job = self.jobs.latest("train")
+        return job is not None and job.running
+
+    def start_queue(self):
+        """The thread that trains the queue's runs one after another (started once per context)."""
+        from studio.training.queue import QueueRunner
+
+        with self._datasets_lock:
+            if self._queue_runner is None:
+                def busy() -> bool:
+                    return self.training_running() or self.waiting_generations > 0 \
+                        or self.manager.status().lane_owner is not None
+
+                def start(entry, config, run_dir, resume):
+                    from studio.ui.train_tab import start_run
+
+                    return start_run(self, config, run_dir, resume)
+
+                self._queue_runner = QueueRunner(self.run_queue, self.settings.runs_dir, start, busy).start()
+        return self._queue_runner
 
     def preload_default_model(self) -> None:
         """Load the default model into RAM now (ZeroGPU: its worker inherits it when forked)."""

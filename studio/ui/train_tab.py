@@ -67,12 +67,15 @@ def build(ctx: AppContext) -> TrainTab:
     c["api_text"] = gr.Textbox(label="status", visible=False)
     c["api_details"] = gr.JSON(label="details", visible=False)
     c["api_buttons"] = [gr.Button(visible=False) for _ in range(3)]
+    c["api_queue"] = gr.Checkbox(False, visible=False)
+    c["api_entry"] = gr.Textbox(None, visible=False)
     return tab
 
 
 def _build_monitor(c: dict) -> None:
     with gr.Row():
         c["start"] = gr.Button("Start training", variant="primary", scale=2, elem_id="train-start")
+        c["queue_add"] = gr.Button("Add to queue", scale=1, elem_id="train-queue-add")
         c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="train-stop")
         c["resume"] = gr.Button("Resume", scale=1, elem_id="train-resume")
     c["run"] = gr.Dropdown([], value=None, label="Run", elem_id="train-run",
@@ -91,6 +94,16 @@ def _build_monitor(c: dict) -> None:
     with gr.Row():
         c["use"] = gr.Button("Use in Generate", elem_id="train-use")
         c["compare"] = gr.Button("Compare epochs", elem_id="train-compare")
+    with gr.Accordion("Run queue", open=False, elem_id="train-queue-box"):
+        c["queue_table"] = gr.Dataframe(headers=list(QUEUE_COLUMNS), interactive=False, elem_id="train-queue",
+                                        label="Runs train one after another; the queue survives a restart")
+        with gr.Row():
+            c["queue_pick"] = gr.Dropdown([], label="Waiting run", scale=3, elem_id="train-queue-pick")
+            c["queue_up"] = gr.Button("Up", scale=1, min_width=60, elem_id="train-queue-up")
+            c["queue_down"] = gr.Button("Down", scale=1, min_width=60, elem_id="train-queue-down")
+            c["queue_cancel"] = gr.Button("Cancel", scale=1, min_width=60, elem_id="train-queue-cancel")
+            c["queue_pause"] = gr.Button("Pause / continue", scale=1, min_width=90, elem_id="train-queue-pause")
+        c["queue_msg"] = gr.Markdown("", elem_id="train-queue-msg")
 
 
 # -- handlers: the form ---------------------------------------------------------------------------
@@ -141,7 +154,7 @@ def config_models_inside(ctx: AppContext, config):
     return Resolver.for_settings(ctx.settings).train_config(config, ctx.manager.catalog)
 
 
-def _start(ctx: AppContext, config, run_dir: Path, resume: bool) -> Job:
+def start_run(ctx: AppContext, config, run_dir: Path, resume: bool) -> Job:
     """Start the job and wait until it holds the GPU lane (or failed to get it)."""
     from studio.training.job import start_training
 
@@ -172,7 +185,7 @@ def on_start(ctx: AppContext, *values):
     try:
         config = _config(ctx, values)
         run_dir = new_run_dir(ctx.settings.runs_dir, config.output_name)
-        _start(ctx, config, run_dir, resume=False)
+        start_run(ctx, config, run_dir, resume=False)
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
     return _started(ctx, run_dir, "Starting")
@@ -190,7 +203,7 @@ def on_resume(ctx: AppContext, run: str | None):
                               "checkpoint): start a new run")
         if view.progress(read_events(run_dir))["ended"] == "done":
             raise ConfigError(f"{run_dir.name} has finished all its steps; to train longer, start a new run")
-        _start(ctx, read_run_config(run_dir), run_dir, resume=True)
+        start_run(ctx, read_run_config(run_dir), run_dir, resume=True)
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
     return _started(ctx, run_dir, "Resuming")
@@ -288,6 +301,63 @@ def running_form(ctx: AppContext) -> list:
     return [values.get(name, gr.skip()) if name != "preset" else gr.skip() for name in form.TRAIN_FIELDS]
 
 
+# -- handlers: the run queue -----------------------------------------------------------------------
+QUEUE_COLUMNS = ("#", "run", "state", "steps", "datasets", "note")
+
+
+def queue_view(ctx: AppContext):
+    """The queue as the table shows it, the waiting runs to pick, and whether it is paused."""
+    state = ctx.run_queue.read()
+    rows, waiting, position = [], [], 0
+    for entry in state.entries:
+        config = entry.config
+        if entry.state == "waiting":
+            position += 1
+            waiting.append((f"{position}. {entry.name} ({entry.id})", entry.id))
+        datasets = ", ".join(Path(d["path"]).name for d in config.get("datasets", []))
+        steps = config.get("max_train_steps") or f"{config.get('max_train_epochs')} epochs"
+        rows.append([position if entry.state == "waiting" else "", entry.name, entry.state, steps, datasets,
+                     entry.message])
+    note = "**Paused**: press Pause / continue to go on." if state.paused else ""
+    return rows, waiting, note
+
+
+def on_queue_refresh(ctx: AppContext, picked: str | None):
+    rows, waiting, note = queue_view(ctx)
+    picked = picked if picked in [value for _, value in waiting] else (waiting[0][1] if waiting else None)
+    return rows, gr.Dropdown(choices=waiting, value=picked), note
+
+
+def on_queue_add(ctx: AppContext, *values):
+    """Queue the form as a run: checked now (datasets, paths, limits), trained when its turn comes."""
+    try:
+        config = config_models_inside(ctx, _config(ctx, values))
+        if ctx.settings.zero_gpu:
+            raise ConfigError("training cannot run on ZeroGPU (each GPU call is capped): use a dedicated GPU Space")
+        entry = ctx.run_queue.add(config)
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+    ctx.start_queue()
+    gr.Info(f"{entry.name} is in the run queue.")
+    return on_queue_refresh(ctx, None)
+
+
+def on_queue_action(ctx: AppContext, action: str, picked: str | None):
+    try:
+        if action == "pause":
+            ctx.run_queue.set_paused(not ctx.run_queue.read().paused)
+            ctx.start_queue()
+        elif not picked:
+            raise ConfigError("pick a waiting run first")
+        elif action == "cancel":
+            ctx.run_queue.cancel(picked)
+        else:
+            ctx.run_queue.move(picked, -1 if action == "up" else 1)
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+    return on_queue_refresh(ctx, picked)
+
+
 # -- handlers: checkpoints to the Generate tab ----------------------------------------------------
 def _published(ctx: AppContext, run: str | None, selected: list[str] | None, at_least: int = 1) -> list[Path]:
     run_dir = view.run_folder(ctx.settings.runs_dir, run)
@@ -338,8 +408,10 @@ def on_compare(ctx: AppContext, run: str | None, selected: list[str] | None, slo
 
 # -- the API ---------------------------------------------------------------------------------------
 def api_train(ctx: AppContext, dataset: str, preset: str | None, max_train_steps: int | None,
-              max_train_epochs: int | None, output_name: str | None, settings: dict | None):
-    """/train: start a run from a preset plus overrides; returns the run folder and a status line."""
+              max_train_epochs: int | None, output_name: str | None, settings: dict | None,
+              queue: bool | None = None):
+    """/train: start a run from a preset plus overrides; returns the run folder and a status line.
+    With `queue`, the run joins the run queue instead (returned: `queue:<id>` and its place)."""
     from studio.training.runs import new_run_dir
 
     try:
@@ -357,11 +429,39 @@ def api_train(ctx: AppContext, dataset: str, preset: str | None, max_train_steps
         if max_train_epochs:
             overrides["max_train_epochs"] = int(max_train_epochs)
         config = form.preset_config(ctx.settings, preset or form.default_preset(ctx.settings), overrides)
+        if queue is not None and not isinstance(queue, bool):
+            raise ConfigError(f"queue: expected true or false, got {type(queue).__name__}")
+        if queue:
+            if ctx.settings.zero_gpu:
+                raise ConfigError("training cannot run on ZeroGPU (each GPU call is capped): use a dedicated GPU Space")
+            entry = ctx.run_queue.add(config_models_inside(ctx, config))
+            ctx.start_queue()
+            place = [e.id for e in ctx.run_queue.read().entries if e.state == "waiting"]
+            where = f"place {place.index(entry.id) + 1}" if entry.id in place else "starting"
+            return f"queue:{entry.id}", f"Queued {entry.name} ({where} in the run queue)"
         run_dir = new_run_dir(ctx.settings.runs_dir, config.output_name)
-        _start(ctx, config, run_dir, resume=False)
+        start_run(ctx, config, run_dir, resume=False)
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
     return str(run_dir), f"Started {run_dir.name}"
+
+
+def api_queue(ctx: AppContext):
+    """/train_queue: the run queue, each entry with its id, name, state, run folder and note."""
+    state = ctx.run_queue.read()
+    return {"paused": state.paused,
+            "runs": [{"id": e.id, "name": e.name, "state": e.state, "run_dir": e.run_dir, "note": e.message}
+                     for e in state.entries]}
+
+
+def api_queue_cancel(ctx: AppContext, entry: str):
+    """/train_queue_cancel: take a waiting run out of the queue."""
+    try:
+        check_text({"entry": entry}, ("entry",))
+        cancelled = ctx.run_queue.cancel((entry or "").removeprefix("queue:"))
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+    return api_queue(ctx) | {"cancelled": cancelled.id}
 
 
 def api_status(ctx: AppContext, run: str | None):
@@ -431,18 +531,33 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
                        inputs=[c["run"], c["checkpoints"]],
                        outputs=[*slots, generate.fields["model"], g["x_kind"], g["x_values"], g["grid_accordion"], tabs],
                        api_visibility="private")
+    queue_outputs = [c["queue_table"], c["queue_pick"], c["queue_msg"]]
+    c["queue_add"].click(partial(on_queue_add, ctx), inputs=inputs, outputs=queue_outputs, api_visibility="private")
+    for action in ("up", "down", "cancel", "pause"):
+        c[f"queue_{action}"].click(partial(on_queue_action, ctx, action), inputs=c["queue_pick"],
+                                   outputs=queue_outputs, api_visibility="private")
+    c["queue_timer"] = gr.Timer(REFRESH_SECONDS * 2)
+    c["queue_timer"].tick(partial(on_queue_refresh, ctx), inputs=c["queue_pick"], outputs=queue_outputs,
+                          api_visibility="private", queue=False, show_progress="hidden")
     _wire_api(ctx, c)
 
 
 def _wire_api(ctx: AppContext, c: dict) -> None:
     train, status, stop = c["api_buttons"]
+    queue_list, queue_cancel = gr.Button(visible=False), gr.Button(visible=False)
     train.click(named_parameters(partial(api_train, ctx), ("dataset", "preset", "max_train_steps", "max_train_epochs",
-                                                           "output_name", "settings"), required=("dataset",)),
+                                                           "output_name", "settings", "queue"), required=("dataset",)),
                 inputs=[c["api_dataset"], c["api_preset"], c["api_steps"], c["api_epochs"], c["api_name"],
-                        c["api_settings"]],
+                        c["api_settings"], c["api_queue"]],
                 outputs=[c["api_run"], c["api_text"]], api_name="train",
                 api_description="Start a training run on a dataset folder (a preset plus overrides: max_train_steps, "
-                                "max_train_epochs, output_name, settings={kohya key: value}); returns the run folder.")
+                                "max_train_epochs, output_name, settings={kohya key: value}); returns the run folder. "
+                                "queue=true adds it to the run queue instead.")
+    queue_list.click(named_parameters(partial(api_queue, ctx), ()), outputs=c["api_details"], api_name="train_queue",
+                     queue=False, api_description="The run queue: each run's id, name, state and folder.")
+    queue_cancel.click(named_parameters(partial(api_queue_cancel, ctx), ("entry",), required=("entry",)),
+                       inputs=c["api_entry"], outputs=c["api_details"], api_name="train_queue_cancel", queue=False,
+                       api_description="Take a waiting run (its id, or the queue:<id> /train returned) out of the queue.")
     status.click(named_parameters(partial(api_status, ctx), ("run",)), inputs=c["api_run"],
                  outputs=[c["api_text"], c["api_details"]], api_name="train_status", queue=False,
                  api_description="Where a run stands (by default the latest): step, loss, checkpoints, samples.")

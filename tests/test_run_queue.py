@@ -1,0 +1,134 @@
+"""The run queue: a file in the workspace, runs one after another, reorder and cancel, a failed
+run does not stop it, Stop pauses it, and a restart resumes the run that was cut off."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from studio.errors import ConfigError, StudioError
+from studio.training.queue import QueueRunner, RunQueue
+from tests.train_fixtures import fast_config
+
+
+def config(tmp_path, name, **changes):
+    return fast_config(tmp_path, output_name=name, **changes)
+
+
+class FakeJob:
+    def __init__(self, status="done", state="done", error=None):
+        self.state, self.error = state, error
+        self.result = SimpleNamespace(status=status, message=status)
+
+    def wait(self, timeout=None):
+        return True
+
+
+def test_the_queue_is_a_file_that_keeps_order_moves_and_cancels(tmp_path):
+    queue = RunQueue(tmp_path)
+    a, b, c = (queue.add(config(tmp_path, name)) for name in ("a", "b", "c"))
+    assert [e.name for e in RunQueue(tmp_path).read().entries] == ["a", "b", "c"], "another reader sees it"
+    queue.move(c.id, -1)
+    queue.move(a.id, +5)
+    assert [e.name for e in queue.read().entries] == ["c", "b", "a"]
+    queue.cancel(b.id)
+    with pytest.raises(ConfigError, match="cancelled, not waiting"):
+        queue.cancel(b.id)
+    with pytest.raises(ConfigError, match="no queued run 'nope'"):
+        queue.move("nope", 1)
+    assert [(e.name, e.state) for e in queue.read().entries] == [("c", "waiting"), ("b", "cancelled"), ("a", "waiting")]
+    assert queue.read().entries[0].config["output_name"] == "c"
+
+
+def test_runs_go_one_after_another_and_a_failure_does_not_stop_the_queue(tmp_path):
+    queue = RunQueue(tmp_path)
+    for name in ("first", "broken", "last"):
+        queue.add(config(tmp_path, name))
+    started = []
+
+    def start(entry, cfg, run_dir, resume):
+        started.append((cfg.output_name, resume))
+        if cfg.output_name == "broken":
+            return FakeJob(status="failed", state="failed", error="no images in the dataset")
+        return FakeJob()
+
+    runner = QueueRunner(queue, tmp_path / "runs", start, busy=lambda: False)
+    while runner.run_next():
+        pass
+    assert started == [("first", False), ("broken", False), ("last", False)]
+    states = [(e.name, e.state) for e in queue.read().entries]
+    assert states == [("first", "done"), ("broken", "failed"), ("last", "done")]
+    assert queue.read().entries[1].message == "no images in the dataset"
+
+
+def test_stop_pauses_the_queue_and_a_busy_gpu_keeps_the_runs_place(tmp_path):
+    queue = RunQueue(tmp_path)
+    queue.add(config(tmp_path, "stopped"))
+    queue.add(config(tmp_path, "next"))
+    runner = QueueRunner(queue, tmp_path / "runs", lambda *a: FakeJob(status="stopped"), busy=lambda: False)
+    runner.run_next()
+    assert queue.read().paused and runner.run_next() is None, "Stop pauses the queue"
+    queue.set_paused(False)
+
+    def busy_start(*args):
+        raise StudioError("the GPU is busy: generation is running.")
+
+    QueueRunner(queue, tmp_path / "runs", busy_start, busy=lambda: False).run_next()
+    assert [(e.name, e.state) for e in queue.read().entries] == [("stopped", "stopped"), ("next", "waiting")]
+
+
+def test_a_run_cut_off_by_a_restart_resumes_first(tmp_path):
+    queue = RunQueue(tmp_path)
+    queue.add(config(tmp_path, "waiting"))
+    queue.add(config(tmp_path, "was-training"))
+    with queue.editing() as state:
+        state.entries[1].state = "running"
+        state.entries[1].run_dir = str(tmp_path / "runs" / "was-training-1")
+    (tmp_path / "runs" / "was-training-1" / "state" / "step-0000002").mkdir(parents=True)
+    (tmp_path / "runs" / "was-training-1" / "state" / "step-0000002" / "trainer.json").write_text("{}")
+    started = []
+    runner = QueueRunner(queue, tmp_path / "runs", lambda e, c, d, r: started.append((c.output_name, d.name, r))
+                         or FakeJob(), busy=lambda: False)
+    runner.queue.recover()
+    runner.run_next()
+    assert started == [("was-training", "was-training-1", True)]
+
+
+def test_writers_in_threads_never_lose_an_entry(tmp_path):
+    queue = RunQueue(tmp_path)
+    cfg = config(tmp_path, "x")
+    threads = [threading.Thread(target=lambda: [queue.add(cfg) for _ in range(10)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(queue.read().entries) == 40
+
+
+def test_the_app_context_trains_the_queue_in_the_background(tmp_path, demo_models_dir):
+    from studio.context import AppContext
+    from studio.jobs import JobRunner
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+    from studio.settings import Settings
+    from tests.train_fixtures import make_dataset
+
+    settings = Settings(workspace=tmp_path / "ws", demo=True)
+    settings.ensure_workspace()
+    ctx = AppContext(settings, ModelManager(demo_models_dir, requested_policy="cpu", device=DeviceInfo("cpu", "CPU")),
+                     JobRunner())
+    data = make_dataset(settings.datasets_dir / "chars", count=2)
+    for name in ("q1", "q2"):
+        ctx.run_queue.add(fast_config(data, output_name=name, max_train_steps=2, train_batch_size=1))
+    runner = ctx.start_queue()
+    runner.poll = 0.1
+    deadline = time.monotonic() + 300
+    while [e.state for e in ctx.run_queue.read().entries] != ["done", "done"]:
+        assert time.monotonic() < deadline, ctx.run_queue.read()
+        time.sleep(0.2)
+    runner.close()
+    for entry in ctx.run_queue.read().entries:
+        assert (tmp_path / "ws" / "runs").joinpath(entry.run_dir).joinpath("loras").is_dir()
