@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from studio.errors import ConfigError, StudioError
@@ -84,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, help="stop after this step, saving a resumable state (as Stop does)")
     tr.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue that run to its configured end")
     tr.add_argument("--workspace", type=Path, default=Path("workspace"))
+    q = commands.add_parser("queue", help="the run queue the app trains from (workspace/queue.json)")
+    q_commands = q.add_subparsers(dest="queue_command", required=True)
+    add = q_commands.add_parser("add", help="queue a run: the same arguments as train")
+    for action in tr._actions:
+        if action.dest not in ("help", "resume", "stop_after", "output_dir"):
+            add._add_action(action)
+    for name, helptext in (("list", "the queued runs, in order"), ("run", "train the waiting runs here, one "
+                           "after another (without the app)")):
+        sub = q_commands.add_parser(name, help=helptext)
+        sub.add_argument("--workspace", type=Path, default=Path("workspace"))
+    cancel = q_commands.add_parser("cancel", help="take a waiting run out of the queue")
+    move = q_commands.add_parser("move", help="move a waiting run up (-1) or down (+1)")
+    for sub in (cancel, move):
+        sub.add_argument("id", help="the run's id, as `queue list` shows it")
+        sub.add_argument("--workspace", type=Path, default=Path("workspace"))
+    move.add_argument("offset", type=int)
     return parser
 
 
@@ -128,9 +145,28 @@ def kohya_layers(args: argparse.Namespace, overrides: dict) -> dict:
     return merge(layered, overrides, where="the command line")
 
 
-def run_train(args: argparse.Namespace) -> int:
+@contextmanager
+def training_bar(main_process: bool = True):
+    """A progress bar for a training run; yields the on_event callback that drives it."""
     from tqdm import tqdm
 
+    with tqdm(total=None, unit="step", dynamic_ncols=True, disable=not main_process) as bar:
+
+        def on_event(event):
+            if event.kind == "step":
+                bar.total = bar.total or event.data.get("total")
+                bar.n = event.step
+                bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
+            elif event.kind == "message" and "plan" in event.data:
+                bar.total = event.data["plan"]["total_steps"]
+            elif event.kind in ("message", "checkpoint", "validation") and main_process:
+                text = event.data.get("text") or event.data.get("path") or f"validation loss {event.data.get('loss'):.4f}"
+                bar.write(f"[step {event.step}] {text}")
+
+        yield on_event
+
+
+def run_train(args: argparse.Namespace) -> int:
     from studio.models.catalog import load_catalog
     from studio.training.runs import new_run_dir, read_run_config, write_run_config
     from studio.training.trainer import train
@@ -157,19 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun, one bar
     if main_process:
         write_run_config(run_dir, config)
-    with tqdm(total=None, unit="step", dynamic_ncols=True, disable=not main_process) as bar:
-
-        def on_event(event):
-            if event.kind == "step":
-                bar.total = bar.total or event.data.get("total")
-                bar.n = event.step
-                bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
-            elif event.kind == "message" and "plan" in event.data:
-                bar.total = event.data["plan"]["total_steps"]
-            elif event.kind in ("message", "checkpoint", "validation") and main_process:
-                text = event.data.get("text") or event.data.get("path") or f"validation loss {event.data.get('loss'):.4f}"
-                bar.write(f"[step {event.step}] {text}")
-
+    with training_bar(main_process) as on_event:
         result = train(config, run_dir=run_dir, models_dir=args.workspace / "models",
                        cache_dir=args.workspace / "cache", resume=bool(args.resume), stop_after=args.stop_after,
                        on_event=on_event)
@@ -287,6 +311,67 @@ def command_line_paths(args: argparse.Namespace):
     return Resolver.command_line(args.workspace)
 
 
+def run_queue_command(args: argparse.Namespace) -> int:
+    from studio.training.queue import RunQueue
+
+    queue = RunQueue(args.workspace)
+    if args.queue_command == "add":
+        args.resume, args.stop_after, args.output_dir = None, None, None
+        if not (args.config or args.preset or args.import_kohya):
+            print("error: give a CONFIG.toml, --preset NAME or --import-kohya FILE", file=sys.stderr)
+            return 2
+        from studio.models.catalog import load_catalog
+
+        config = resolve_train_config(args, presets_root=args.workspace / "presets")
+        entry = queue.add(command_line_paths(args).train_config(config, load_catalog()))
+        waiting = [e.id for e in queue.read().entries if e.state == "waiting"]
+        print(f"queued {entry.name} as {entry.id} (place {waiting.index(entry.id) + 1})")
+    elif args.queue_command == "list":
+        state = queue.read()
+        if state.paused:
+            print("(paused: the app's Pause / continue, or `queue run`, goes on)")
+        for number, entry in enumerate(state.entries, 1):
+            print(f"{number:3d}  {entry.id}  {entry.state:9s}  {entry.name}  {entry.message}".rstrip())
+    elif args.queue_command == "cancel":
+        print(f"cancelled {queue.cancel(args.id).name}")
+    elif args.queue_command == "move":
+        queue.move(args.id, args.offset)
+        print("moved")
+    else:
+        return run_queue_here(args, queue)
+    return 0
+
+
+def run_queue_here(args: argparse.Namespace, queue) -> int:
+    """`queue run`: train the waiting runs in this process, one after another, each with its bar."""
+    from studio.jobs import Job
+    from studio.training.queue import QueueRunner
+    from studio.training.runs import write_run_config
+    from studio.training.trainer import train
+
+    def start(entry, config, run_dir, resume):
+        def work(job):
+            print(f"training {entry.name} ({entry.id}) in {run_dir}")
+            if not resume:
+                write_run_config(run_dir, config)
+            with training_bar() as on_event:
+                result = train(config, run_dir=run_dir, models_dir=args.workspace / "models",
+                               cache_dir=args.workspace / "cache", resume=resume, on_event=on_event)
+            print(result.message)
+            return result
+
+        return Job("train", work).start()
+
+    queue.set_paused(False)
+    runner = QueueRunner(queue, args.workspace / "runs", start, busy=lambda: False)
+    queue.recover()
+    failed = 0
+    while (entry := runner.run_next()) is not None:
+        failed += next(e.state for e in queue.read().entries if e.id == entry.id) == "failed"
+    print(f"the queue is empty{f'; {failed} run(s) failed' if failed else ''}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -297,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_caption(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "queue":
+            return run_queue_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

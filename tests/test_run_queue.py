@@ -132,3 +132,30 @@ def test_the_app_context_trains_the_queue_in_the_background(tmp_path, demo_model
     runner.close()
     for entry in ctx.run_queue.read().entries:
         assert (tmp_path / "ws" / "runs").joinpath(entry.run_dir).joinpath("loras").is_dir()
+
+
+def test_the_cli_queues_lists_moves_cancels_and_runs(tmp_path, demo_models_dir, capsys, monkeypatch):
+    from studio.__main__ import main
+    from tests.train_fixtures import make_dataset
+
+    monkeypatch.chdir(tmp_path)
+    data = make_dataset(tmp_path / "data", count=2)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "models").symlink_to(demo_models_dir, target_is_directory=True)
+    common = ["--preset", "demo-sdxl", "--dataset", str(data), "--max-steps", "2", "--workspace", "ws"]
+    for name in ("one", "two", "three"):
+        assert main(["queue", "add", *common, "--output-name", name]) == 0
+    out = capsys.readouterr().out
+    assert "queued three as" in out and "(place 3)" in out
+    ids = [e.id for e in RunQueue(tmp_path / "ws").read().entries]
+    assert main(["queue", "move", ids[2], "-2", "--workspace", "ws"]) == 0
+    assert main(["queue", "cancel", ids[1], "--workspace", "ws"]) == 0
+    assert main(["queue", "cancel", "nope", "--workspace", "ws"]) == 2
+    capsys.readouterr()
+    assert main(["queue", "list", "--workspace", "ws"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[2:4] for line in listed] == [["waiting", "three"], ["waiting", "one"], ["cancelled", "two"]]
+    assert main(["queue", "run", "--workspace", "ws"]) == 0
+    assert [(e.name, e.state) for e in RunQueue(tmp_path / "ws").read().entries] == [
+        ("three", "done"), ("one", "done"), ("two", "cancelled")]
+    assert "the queue is empty" in capsys.readouterr().out
