@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,17 @@ class AppContext:
         from studio.training.queue import RunQueue
 
         return RunQueue(self.settings.workspace)
+
+    @contextmanager
+    def generation_waiting(self):
+        """While a generation waits for the training run to end, the queue starts no next run."""
+        with self._datasets_lock:
+            self.waiting_generations += 1
+        try:
+            yield
+        finally:
+            with self._datasets_lock:
+                self.waiting_generations -= 1
 
     def training_running(self) -> bool:
         job = self.jobs.latest("train")

@@ -159,3 +159,39 @@ def test_the_cli_queues_lists_moves_cancels_and_runs(tmp_path, demo_models_dir, 
     assert [(e.name, e.state) for e in RunQueue(tmp_path / "ws").read().entries] == [
         ("three", "done"), ("one", "done"), ("two", "cancelled")]
     assert "the queue is empty" in capsys.readouterr().out
+
+
+def test_a_generation_asked_to_wait_waits_for_training_and_goes_before_the_queue(tmp_path, demo_models_dir):
+    from studio.context import AppContext
+    from studio.jobs import JobRunner
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+    from studio.settings import Settings
+    from studio.ui.forms import GENERATE_FIELDS
+    from studio.ui.generate_tab import _start_generation
+    from tests.test_forms import form_values
+
+    settings = Settings(workspace=tmp_path / "ws", demo=True)
+    settings.ensure_workspace()
+    manager = ModelManager(demo_models_dir, requested_policy="cpu", device=DeviceInfo("cpu", "CPU"))
+    ctx = AppContext(settings, manager, JobRunner())
+    release = threading.Event()
+
+    def training(job):
+        with manager.gpu_lane("training x", exclusive=True):
+            release.wait(60)
+
+    assert ctx.jobs.start("train", training).running
+    values = form_values(width=64.0, height=64.0, steps=2.0, batch_count=1, seed=1.0)
+    refused = _start_generation(ctx, tuple({**values, "wait_for_training": False}[n] for n in GENERATE_FIELDS))
+    refused.wait(60)
+    assert refused.state == "failed" and "is busy" in refused.error, "not asked to wait: refused at once"
+    waiting = _start_generation(ctx, tuple({**values, "wait_for_training": True}[n] for n in GENERATE_FIELDS))
+    deadline = time.monotonic() + 30
+    while "waiting for the training run" not in waiting.message:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert ctx.waiting_generations == 1, "the queue's next run holds back"
+    release.set()
+    waiting.wait(120)
+    assert waiting.state == "done" and len(waiting.result.images) == 1 and ctx.waiting_generations == 0

@@ -38,6 +38,7 @@ GENERATE_FIELDS: tuple[str, ...] = (
     "hires_scale",
     "hires_denoise",
     "hires_steps",
+    "wait_for_training",  # last: positional API callers keep their order
 )
 STYLE_FIELDS = ("quality_tags", "aesthetic", "year", "rating", "default_negative", "score", "artist")
 

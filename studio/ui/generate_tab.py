@@ -186,6 +186,8 @@ def build(ctx: AppContext) -> GenerateTab:
             with gr.Row():
                 c["generate"] = gr.Button("Generate", variant="primary", elem_id="gen-button", scale=3)
                 c["stop"] = gr.Button("Stop", variant="stop", elem_id="gen-stop", scale=1)
+            f["wait_for_training"] = gr.Checkbox(False, label="While a run trains: wait for it to finish (ahead of "
+                                                 "the queued runs) instead of being refused", elem_id="gen-wait")
             c["status"] = gr.Markdown("", elem_id="gen-status")
             c["gallery"] = gr.Gallery(label="This session's images", columns=3, height=520, elem_id="gen-gallery",
                                       format="png")
@@ -243,12 +245,29 @@ def _start_generation(ctx: AppContext, values: tuple) -> Job:
     except StudioError as exc:
         raise gr.Error(str(exc)) from None
     run = ctx.generate_function()
+    wait = as_dict(GENERATE_FIELDS, values).get("wait_for_training") is True
 
     def work(job: Job):
+        if wait:
+            wait_for_training(ctx, job)
         return run(ctx.manager, config, outputs_dir=ctx.settings.outputs_dir,
                    default_model=ctx.settings.default_model, report=job.report, stop=job.stop_event)
 
     return ctx.jobs.start("generate", work)
+
+
+def wait_for_training(ctx: AppContext, job: Job, poll: float = 0.5) -> None:
+    """Asked to wait rather than be refused: hold until the training run ends (and the queue's
+    next run does not start before this generation has the GPU). Stop ends the wait."""
+    if not ctx.training_running():
+        return
+    with ctx.generation_waiting():
+        while ctx.training_running():
+            job.check_stop()
+            queued = sum(1 for e in ctx.run_queue.read().entries if e.state == "waiting")
+            job.report(None, "waiting for the training run to finish" + (f" (then before the {queued} queued run(s))"
+                                                                          if queued else ""))
+            time.sleep(poll)
 
 
 def _finish(job: Job):
