@@ -81,7 +81,8 @@ def writing_a_checkpoint(run_dir: Path) -> bool:
     return any(".tmp" in p.name for p in run_dir.rglob("*"))
 
 
-@pytest.mark.parametrize("moment", ["after step 3", "while writing a checkpoint"])
+@pytest.mark.parametrize("moment", [pytest.param("after step 3", marks=pytest.mark.slow),  # -m slow
+                                    "while writing a checkpoint"])
 def test_kill_9_then_resume_gives_the_uninterrupted_lora(setup, moment):
     root, expected = setup
     run_dir = root / moment.replace(" ", "-")
