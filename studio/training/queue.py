@@ -224,14 +224,16 @@ class QueueRunner:
         self._halt.set()
 
     def _loop(self) -> None:
+        said = ""
         while not self._halt.is_set():
             try:
                 if not self._busy():
                     self.run_next()
-            except Exception:  # noqa: BLE001 - the queue thread must outlive one bad entry
-                import traceback
-
-                traceback.print_exc()
+                said = ""
+            except Exception as exc:  # noqa: BLE001 - the queue thread must outlive one bad entry or file
+                if str(exc) != said:  # once, not every poll
+                    said = str(exc)
+                    print(f"run queue: {exc}", flush=True)
             self._halt.wait(self.poll)
 
     def run_next(self, wait: bool = True) -> QueueEntry | None:
