@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 import threading
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,6 @@ from studio.errors import StudioError
 from studio.jobs import JobRunner
 from studio.models.manager import ModelManager
 from studio.settings import Settings
-
 
 USERS_DIR = "users"  # a multi-user Space: workspace/users/<Hugging Face username>/
 VISITORS_DIR = "visitors"  # signed-out visitors' generations (they may do nothing else)

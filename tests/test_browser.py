@@ -135,9 +135,8 @@ def test_train_from_the_tab_watch_the_loss_curve_grow_then_stop(train_page, app_
 def test_an_anima_run_used_in_generate_brings_its_model_and_its_prompt_builder(train_page, app_server):
     """Use in Generate on an Anima run: Generate's model becomes the run's base, the prompt
     builder becomes Anima's, and the final prompt shown is Anima's (what is sent)."""
-    from tests.train_fixtures import fast_config
-
     from studio.training.runs import write_run_config
+    from tests.train_fixtures import fast_config
 
     page = train_page
     run = app_server.workspace / "runs" / "browser-anima-1"

@@ -30,9 +30,8 @@ def test_png_info_fills_the_form_and_leaves_unknown_fields_alone():
 def test_png_info_brings_the_images_loras_and_names_the_missing_ones(tmp_path):
     """`<lora:name:weight>` in the prompt (A1111, and our own images), found in workspace/loras by
     name or by the `Lora hashes` entry; one the folder lacks is named, not silently dropped."""
-    from tests.lora_fixtures import write_demo_kohya_lora
-
     from studio.generation.infotext import lora_hash
+    from tests.lora_fixtures import write_demo_kohya_lora
 
     loras = tmp_path / "loras"
     loras.mkdir()

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from studio import __version__
 from studio.errors import JobStopped, LoraError
-from studio.generation.infotext import format_infotext, format_lora_hashes, lora_tags, model_hash, write_new_png
+from studio.generation.infotext import (
+    format_infotext,
+    format_lora_hashes,
+    lora_tags,
+    model_hash,
+    write_new_png,
+)
 from studio.generation.prompt import builder_for
 from studio.generation.samplers import SAMPLERS
 from studio.models.manager import ModelManager, ModelRecord

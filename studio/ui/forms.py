@@ -158,7 +158,7 @@ def _naming(preprocess: Callable, name: str, expected: str, error: type) -> Call
             return preprocess(payload)
         except error as exc:
             raise error(f"{name}: {exc.message}") from None
-        except Exception as exc:  # noqa: BLE001 - a wrong-typed value: say which field and what came
+        except Exception:  # noqa: BLE001 - a wrong-typed value: say which field and what came
             raise error(f"{name}: expected {expected}, got {str(payload)[:60]!r}") from None
 
     return wrapper

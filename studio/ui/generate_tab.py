@@ -38,10 +38,10 @@ from studio.ui.format import job_status_line
 from studio.ui.forms import (
     GENERATE_FIELDS,
     GENERATE_TEXT_FIELDS,
-    check_text,
-    errors_in_status,
     LORA_SLOTS,
     as_dict,
+    check_text,
+    errors_in_status,
     generate_form,
     named_parameters,
     workspace_file,
