@@ -250,3 +250,73 @@ def test_a_reload_shows_the_work_that_runs(browser, app_server):
     finally:
         job.result(timeout=300)
         page.close()
+
+
+def test_compare_epochs_makes_a_grid_whose_labels_stay_in_their_columns(train_page, app_server):
+    """Compare epochs on a run with two checkpoints, Make grid: the grid shows, and its column
+    labels (step N / final, not the long run-prefixed file names) never run into the next column."""
+    import io
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    from studio.training.runs import write_run_config
+    from tests.lora_fixtures import write_demo_kohya_lora
+    from tests.train_fixtures import fast_config
+
+    page = train_page
+    run = app_server.workspace / "runs" / "a-rather-long-character-name-20261204-101500"
+    write_run_config(run, fast_config(app_server.workspace, pretrained_model="demo-sdxl"))
+    write_demo_kohya_lora(run / "loras" / "a-rather-long-character-name-step00000010.safetensors", seed=1)
+    write_demo_kohya_lora(run / "loras" / "a-rather-long-character-name.safetensors", seed=2)
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-run input").click()
+    page.get_by_role("option", name=run.name).click()
+    page.locator("#train-checkpoints").get_by_text("final").wait_for(timeout=30_000)
+    page.locator("#train-compare").click()
+    page.locator("#gen-prompt textarea").fill("1girl, solo")
+    page.locator("#gen-width input").fill("64")
+    page.locator("#gen-height input").fill("64")
+    page.get_by_label("Y values").fill("0.8, 1.0")
+    page.locator("#gen-grid-button").click()
+    image = page.locator("#gen-grid-image img")
+    image.wait_for(state="visible", timeout=300_000)
+    source = image.get_attribute("src")
+    with urllib.request.urlopen(source if source.startswith("http") else app_server.url.rstrip("/") + source) as r:
+        grid = np.asarray(Image.open(io.BytesIO(r.read())).convert("L"))
+    cell = 64
+    left = grid.shape[1] - 2 * cell  # row labels, when the grid has a Y axis
+    top = grid.shape[0] - 2 * cell  # two rows (weights 0.8, 1.0) under the column labels
+    assert left >= 0 and top > 0, grid.shape
+    boundary = left + cell
+    assert not (grid[:top, boundary - 2:boundary + 2] < 128).any(), "a column label runs into the next column"
+
+
+CUT_LABELS = """(root) => Array.from(document.querySelectorAll(root + ' [data-testid="block-info"]'))
+    .filter(label => label.offsetParent !== null && label.scrollWidth > label.clientWidth + 1)
+    .map(label => label.textContent.trim())"""
+# parts of a block (its label, number box, slider ends) that stick out past the block's edges
+OUTSIDE_BLOCK = """(id) => { const block = document.getElementById(id); const box = block.getBoundingClientRect();
+    return Array.from(block.querySelectorAll('span, input, button, label'))
+        .filter(el => el.offsetParent !== null)
+        .filter(el => { const r = el.getBoundingClientRect(); return r.left < box.left - 1 || r.right > box.right + 1; })
+        .map(el => el.textContent.trim() || el.getAttribute('aria-label') || el.tagName); }"""
+
+
+@pytest.mark.parametrize("width", [1400, 1024])
+def test_train_labels_are_not_cut(browser, app_server, width):
+    """Every label on the Train tab reads whole (Tag dropout was cut to 'Tag dro...'), on a wide and
+    a laptop-sized window."""
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    try:
+        page.goto(app_server.url)
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_selector("#train-tag-dropout", timeout=30_000)
+        assert page.locator("#train-tag-dropout").get_by_text("Tag dropout").is_visible()
+        assert page.evaluate(CUT_LABELS, "#train-tag-dropout") == []
+        assert page.evaluate(OUTSIDE_BLOCK, "train-tag-dropout") == []
+        assert page.evaluate(CUT_LABELS, "") == []
+    finally:
+        page.close()

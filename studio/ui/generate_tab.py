@@ -206,8 +206,9 @@ def build(ctx: AppContext) -> GenerateTab:
         with gr.Row():
             c["y_kind"] = gr.Dropdown(["", *AXIS_CHOICES], value="LoRA weight", label="Y axis")
             c["y_values"] = gr.Textbox("0.6, 0.8, 1.0", label="Y values")
-        c["grid_button"] = gr.Button("Make grid")
-        c["grid_image"] = gr.Image(label="Grid", type="filepath", format="png", interactive=False)
+        c["grid_button"] = gr.Button("Make grid", elem_id="gen-grid-button")
+        c["grid_image"] = gr.Image(label="Grid", type="filepath", format="png", interactive=False,
+                                   elem_id="gen-grid-image")
     c["session_images"] = gr.State([])
     c["api_gallery"] = gr.Gallery(visible=False, format="png")
     c["api_button"] = gr.Button(visible=False)
