@@ -182,11 +182,10 @@ def test_kohya_dora_file_keeps_its_magnitudes(fixtures, stack):
     np.testing.assert_allclose(image, fixtures.ref_d, atol=1e-4)
 
 
-def test_a_per_input_dora_scale_is_told_apart_from_a_per_output_one(fixtures, stack, tmp_path):
+def test_a_per_input_dora_scale_is_told_apart_from_a_per_output_one():
     """LyCORIS wd_on_output=False writes dora_scale as [1, in]: on a square layer, reading it as
-    per-output would apply another model silently; it is refused by name instead."""
+    per-output would apply another model silently; the axis that is 1 tells them apart."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from studio.generation.lora import dora_per_input
 
@@ -194,11 +193,75 @@ def test_a_per_input_dora_scale_is_told_apart_from_a_per_output_one(fixtures, st
     assert not dora_per_input(torch.ones(64, 1), up, down)
     assert dora_per_input(torch.ones(1, 64), up, down), "square: told by the axis, not the size"
     assert dora_per_input(torch.ones(1, 32), torch.zeros(64, 4), torch.zeros(4, 32))
+    assert dora_per_input(torch.ones(1, 32, 1, 1), torch.zeros(64, 4, 1, 1), torch.zeros(4, 32, 3, 3))
+    assert not dora_per_input(torch.ones(64, 1, 1, 1), torch.zeros(64, 4, 1, 1), torch.zeros(4, 32, 3, 3))
+
+
+def _per_input_dora_file(fixtures, tmp_path):
+    """Fixture D's layers with per-input magnitudes ([1, in(, 1, 1)]: each merged column's norm
+    times 0.7-1.3), and the base weights patched as LyCORIS applies such a file
+    (W' = W + s * (m * merged / ||merged column|| - W), merged = W + alpha/rank * up @ down)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from studio.generation.lora import _kohya_module_names
+    from studio.models.demo import build_demo_sdxl_pipeline
+
     tensors = load_file(str(fixtures.d))
-    per_input = {k: (v.reshape(1, -1) if k.endswith(".dora_scale") and v.dim() == 2 else v) for k, v in tensors.items()}
+    reference = build_demo_sdxl_pipeline(0)
+    targets = _kohya_module_names(reference)
+    generator = torch.Generator().manual_seed(5)
+    per_input, patches = dict(tensors), []
+    for key in [k for k in tensors if k.endswith(".dora_scale")]:
+        name = key.removesuffix(".dora_scale")
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        component, module_path = targets[name]
+        weight = getattr(reference, component).get_submodule(module_path).weight
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else down.shape[0]
+        merged = weight.detach() + alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        dims = [0, *range(2, weight.dim())]  # everything but the input axis
+        norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+        magnitude = norm * (0.7 + 0.6 * torch.rand(norm.shape, generator=generator))
+        per_input[key] = magnitude.contiguous()
+        patches.append((weight, merged * magnitude / norm))
     path = tmp_path / "per_input_dora.safetensors"
     save_file(per_input, str(path))
-    with pytest.raises(LoraError, match="per-input DoRA .LyCORIS wd_on_output=False"):
+    return path, reference, patches
+
+
+def test_a_per_input_dora_file_is_applied_exactly(fixtures, stack, tmp_path):
+    """A per-input DoRA (LyCORIS wd_on_output=False) gives the image of the base model patched by
+    LyCORIS' formula, at weight 1 and 0.5 (strength scales the change linearly, as in ComfyUI)."""
+    import torch
+
+    path, reference, patches = _per_input_dora_file(fixtures, tmp_path)
+    assert any(w.shape[0] == w.shape[1] for w, _ in patches), "a square layer is among them"
+    assert any(w.dim() == 4 for w, _ in patches), "and a convolution"
+    originals = [w.detach().clone() for w, _ in patches]
+    for strength in (1.0, 0.5):
+        with torch.no_grad():
+            for (weight, patched), original in zip(patches, originals):
+                weight.copy_(original + strength * (patched - original))
+        expected = generate(reference)
+        assert stack.apply(specs((path, strength))) == []
+        image = generate(stack.pipe)
+        assert_differs(image, fixtures.base)
+        assert_differs(image, fixtures.ref_d)  # not read as per-output
+        np.testing.assert_allclose(image, expected, atol=1e-4)
+    stack.apply([])
+    assert np.array_equal(generate(stack.pipe), fixtures.base), "removing it restores the base model"
+
+
+def test_a_dora_file_mixing_both_axes_is_refused(fixtures, stack, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = _per_input_dora_file(fixtures, tmp_path)
+    tensors = load_file(str(path))
+    original = load_file(str(fixtures.d))
+    first = next(k for k in tensors if k.endswith(".dora_scale"))
+    tensors[first] = original[first]
+    save_file(tensors, str(path))
+    with pytest.raises(LoraError, match="mixes per-output .* and per-input"):
         stack.apply(specs((path, 1.0)))
     assert np.array_equal(generate(stack.pipe), fixtures.base), "nothing was left applied"
 

@@ -386,14 +386,47 @@ def dora_per_input(magnitude, up, down) -> bool:
     return magnitude.shape[0] == 1 and magnitude.shape[1] == in_features and out_features != 1
 
 
+def _per_input_dora_as_lora(prefix: str, weight, down, up, magnitude) -> dict:
+    """A per-input DoRA layer (LyCORIS `wd_on_output=False`) as an exact LoRA of full rank.
+
+    peft's DoRA keeps one magnitude per output row only, so the layer's whole change is computed
+    here as LyCORIS does: merged = W + up @ down, each input column scaled to its magnitude,
+    `delta = merged * m / ||merged column|| - W`. It is written as lora_B @ lora_A with one factor
+    the identity (rank = the smaller side), so the stack's weight scales it linearly, as ComfyUI's
+    strength does. Costs as much memory as the layer's own weight."""
+    import torch
+
+    weight = weight.detach().float()
+    up, down = up.to(weight.device), down.to(weight.device)
+    merged = weight + (up.float().flatten(1) @ down.float().flatten(1)).reshape(weight.shape)
+    columns = merged.transpose(0, 1).reshape(merged.shape[1], -1)
+    norm = columns.norm(dim=1).reshape(1, -1, *[1] * (weight.dim() - 2)) + torch.finfo(torch.float32).eps
+    delta = merged * (magnitude.float().reshape(norm.shape) / norm) - weight
+    out_features = weight.shape[0]
+    if weight.dim() == 2 and weight.shape[1] < out_features:  # Linear, narrower input: A = I
+        lora_a, lora_b = torch.eye(weight.shape[1]), delta
+    else:  # A = delta (a Conv2d keeps its kernel in A), B = I (1x1 for a Conv2d)
+        lora_a, lora_b = delta, torch.eye(out_features).reshape(out_features, out_features, *[1] * (weight.dim() - 2))
+    return {f"{prefix}.lora_A.weight": lora_a.to("cpu", down.dtype), f"{prefix}.lora_B.weight": lora_b.to("cpu", down.dtype)}
+
+
 def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
     """A kohya DoRA file as the peft-layout dict diffusers loads with its magnitudes:
     `{component}.{module}.lora_A.weight` / `lora_B.weight` (alpha / rank baked into B) /
-    `lora_magnitude_vector` (peft's shape: [out] for Linear, [1, out, 1, 1] for Conv2d)."""
+    `lora_magnitude_vector` (peft's shape: [out] for Linear, [1, out, 1, 1] for Conv2d). A
+    per-input DoRA (`dora_scale` [1, in]) becomes the exact full-rank LoRA of its change instead."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     targets = _kohya_module_names(pipe)
+    axes = {dora_per_input(tensors[key], tensors[key.replace(".dora_scale", ".lora_up.weight")],
+                           tensors[key.replace(".dora_scale", ".lora_down.weight")])
+            for key in tensors if key.endswith(".dora_scale")
+            and key.replace(".dora_scale", ".lora_up.weight") in tensors
+            and key.replace(".dora_scale", ".lora_down.weight") in tensors}
+    if len(axes) > 1:
+        raise LoraError(f"{path.name} mixes per-output ([out, 1]) and per-input ([1, in]) dora_scale tensors; "
+                        "DoRA files are one or the other")
     converted = {}
     for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
         lora_name = key.removesuffix(".lora_down.weight")
@@ -406,16 +439,15 @@ def _kohya_dora_to_diffusers(pipe: Any, path: Path) -> dict:
         alpha = tensors.get(f"{lora_name}.alpha")
         scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
         prefix = f"{component}.{module_path}"
+        magnitude = tensors.get(f"{lora_name}.dora_scale")
+        if magnitude is not None and dora_per_input(magnitude, up, down):
+            base = getattr(pipe, component).get_submodule(module_path)
+            base = getattr(base, "base_layer", base)
+            converted.update(_per_input_dora_as_lora(prefix, base.weight, down, up * scale, magnitude))
+            continue
         converted[f"{prefix}.lora_A.weight"] = down
         converted[f"{prefix}.lora_B.weight"] = up * scale
-        magnitude = tensors.get(f"{lora_name}.dora_scale")
         if magnitude is not None:
-            if dora_per_input(magnitude, up, down):
-                raise LoraError(
-                    f"{path.name} is a per-input DoRA (LyCORIS wd_on_output=False: dora_scale of shape "
-                    f"{tuple(magnitude.shape)} on {lora_name}); only per-output DoRA ([out, 1]) can be applied "
-                    "here. ComfyUI and Forge load it; or train it again with wd_on_out=True"
-                )
             shape = (1, -1, 1, 1) if down.dim() == 4 else (-1,)
             converted[f"{prefix}.lora_magnitude_vector"] = magnitude.reshape(shape)
     if not converted:
