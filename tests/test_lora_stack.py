@@ -353,6 +353,7 @@ print("ok")
     env_path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])
     result = subprocess.run(
         [sys.executable, "-c", code],
+        check=False,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": env_path},
