@@ -269,19 +269,6 @@ def test_a_missing_component_is_named(cached_folder, tmp_path):
         load_anima(source, torch.float32, "cpu")
 
 
-def test_comfyui_single_file_is_refused_with_the_layout_needed(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
-    checkpoint = tmp_path / "anima-base-v1.0.safetensors"  # ComfyUI's diffusion model: DiT + LLM adapter
-    save_file({"net.blocks.0.self_attn.q_proj.weight": torch.zeros(2, 2),
-               "net.llm_adapter.out_proj.weight": torch.zeros(2, 2)}, str(checkpoint))
-    source = resolve_reference(str(checkpoint), load_catalog())
-    assert (source.family, source.kind) == ("anima", "single_file")
-    with pytest.raises(ModelNotFoundError, match="modular_model_index.json"):
-        load_model(source, tmp_path, torch.float32, "cpu")
-
-
 def test_cpu_placement_keeps_the_pipeline_on_the_cpu(loaded):
     from studio.models.devices import DeviceInfo
     from studio.models.vram import PLACEMENTS, VramPolicy

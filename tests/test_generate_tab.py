@@ -124,6 +124,27 @@ def test_choosing_a_catalog_model_brings_its_defaults_and_samplers(tmp_path):
     assert all(isinstance(v, type(gr.skip())) for v in untouched[:5])
 
 
+def test_comfyuis_anima_file_brings_anima_samplers_and_defaults(tmp_path):
+    """A ComfyUI Anima file (not in the catalog) is told apart by its tensors: its family's
+    samplers and the Anima defaults (the demo's, when the app runs --demo)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from studio.context import AppContext
+    from studio.settings import Settings
+    from studio.ui.generate_tab import on_model_change
+
+    dit = tmp_path / "ws" / "models" / "anima-base-v1.0.safetensors"
+    dit.parent.mkdir(parents=True)
+    save_file({"net.blocks.0.self_attn.q_proj.weight": torch.zeros(2, 2),
+               "net.llm_adapter.out_proj.weight": torch.zeros(2, 2)}, str(dit))
+    for demo in (True, False):
+        ctx = AppContext.create(Settings(workspace=tmp_path / "ws", demo=demo))
+        _, _, _, got_steps, _, sampler = on_model_change(ctx, str(dit))
+        assert sampler.choices == [("Euler", "Euler"), ("UniPC", "UniPC")] and sampler.value == "Euler"
+        assert got_steps == ctx.manager.catalog["demo-anima" if demo else "anima"].defaults["steps"]
+
+
 def test_a_full_disk_is_one_clear_error_in_the_ui_and_loses_nothing(tmp_path, demo_models_dir, monkeypatch):
     """The image is written, the disk fills up on the next: the UI shows one line naming the
     file and what to do, the earlier image is intact, no temporary file is left, and the next

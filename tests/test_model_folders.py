@@ -47,6 +47,10 @@ def test_comfyui_and_a1111_layouts_are_listed_by_kind(tmp_path):
 def comfy_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy")
     lora = write_demo_kohya_lora(root / "ComfyUI" / "models" / "loras" / "comfy-style.safetensors", seed=4)
+    from studio.models.demo_anima import build_demo_anima_pipeline
+    from tests.anima_comfy_fixture import write_comfy_anima
+
+    write_comfy_anima(build_demo_anima_pipeline(), root / "ComfyUI" / "models", dit_name="anima-comfy.safetensors")
     (root / "ws").mkdir()
     server = AppServer(root / "ws", "--model-dir", str(root / "ComfyUI" / "models"))
     try:
@@ -77,5 +81,31 @@ def test_a_comfyui_lora_is_listed_used_and_left_untouched(comfy_server, browser)
         page.get_by_text("LoRA stack").click()
         page.locator("#gen-lora-1 input").click()
         page.get_by_role("option", name="comfy-style.safetensors · ComfyUI").wait_for(timeout=30_000)
+    finally:
+        page.close()
+
+
+def test_comfyuis_split_anima_files_are_listed_and_generate(comfy_server, browser):
+    """ComfyUI's diffusion_models/ Anima file shows in the model list and makes images through
+    the API, its text encoder and VAE found in text_encoders/ and vae/; nothing is written there."""
+    from gradio_client import Client
+    from PIL import Image
+
+    server, lora = comfy_server
+    models = lora.parent.parent
+    dit = models / "diffusion_models" / "anima-comfy.safetensors"
+    before = {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()}
+    client = Client(server.url, verbose=False, analytics_enabled=False)
+    result = client.predict("1girl", api_name="/generate", model=str(dit.resolve()), sampler="Euler", seed=5, steps=2, width=64,
+                            height=64)
+    image = np.asarray(Image.open(result[0]["image"]), dtype=np.int16)
+    assert image.shape == (64, 64, 3) and image.std() > 2
+    assert {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()} == before
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(server.url)
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-model input").click()
+        page.get_by_role("option", name="anima-comfy.safetensors · ComfyUI").wait_for(timeout=30_000)
     finally:
         page.close()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 DEMO_ANIMA_NAME = "demo-anima"
 DEMO_ANIMA_SEED = 0
-DEMO_ANIMA_FORMAT_VERSION = 1  # bump when the configs change: older caches are then rebuilt
+DEMO_ANIMA_FORMAT_VERSION = 2  # bump when the configs change: older caches are then rebuilt
 
 # ---------------------------------------------------------------------------------------------
 # Sizes. Real Anima: Qwen3 0.6B (hidden 1024, 28 layers), conditioner 1024 wide with 6 blocks,
@@ -46,6 +46,7 @@ DEMO_ANIMA_FORMAT_VERSION = 1  # bump when the configs change: older caches are 
 # (base_dim 96), 512 text tokens.
 # ---------------------------------------------------------------------------------------------
 TEXT_HIDDEN = 32
+DEMO_DIT_SIZE = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2}
 TEXT_EMBED = 32  # conditioner output = the DiT's text_embed_dim
 LATENT_CHANNELS = 16
 MAX_SEQUENCE_LENGTH = 512
@@ -142,9 +143,7 @@ def _build_transformer():
     return CosmosTransformer3DModel(
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
+        **DEMO_DIT_SIZE,
         text_embed_dim=TEXT_EMBED,
         adaln_lora_dim=8,
         max_size=(128, 240, 240),
@@ -162,7 +161,7 @@ def _build_vae():
         base_dim=8,
         z_dim=LATENT_CHANNELS,
         dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
+        num_res_blocks=2,  # as the real VAE: ComfyUI's (Wan) layout numbers its blocks by it
         temperal_downsample=[False, True, True],  # three downsamplings: factor 8, like the real VAE
     )
 

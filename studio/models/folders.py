@@ -1,4 +1,4 @@
-"""Model folders people already have: ComfyUI's `models/` (checkpoints, loras, vae) and
+"""Model folders people already have: ComfyUI's `models/` (checkpoints, diffusion_models, loras, vae) and
 A1111/Forge's `models/` (Stable-diffusion, Lora, VAE), given with `--model-dir` / STUDIO_MODEL_DIRS.
 Their `.safetensors` files are listed beside the workspace's own, under their absolute paths, and
 are only ever read (the resolver in studio.paths allows reading them; nothing writes there).
@@ -17,7 +17,10 @@ from studio.fileio import inside
 Kind = Literal["checkpoint", "lora", "vae"]
 # kind -> {folder name: the tool whose layout uses it}
 KIND_FOLDERS: dict[str, dict[str, str]] = {
-    "checkpoint": {"checkpoints": "ComfyUI", "Stable-diffusion": "A1111/Forge"},
+    # diffusion_models (older ComfyUI: unet) holds diffusion models without their text encoder and
+    # VAE, such as Anima's DiT (its companions are found in text_encoders/ and vae/ when loaded)
+    "checkpoint": {"checkpoints": "ComfyUI", "diffusion_models": "ComfyUI", "unet": "ComfyUI",
+                   "Stable-diffusion": "A1111/Forge"},
     "lora": {"loras": "ComfyUI", "Lora": "A1111/Forge", "LyCORIS": "A1111/Forge"},
     "vae": {"vae": "ComfyUI", "VAE": "A1111/Forge"},
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from studio.errors import ModelNotFoundError, UnsafeCheckpointError
@@ -140,6 +140,8 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
             return ModelSource(source.name, source.family, "single_file", str(demo.single_file), source.vae,
                                str(demo.folder), source.defaults, True)
         return ModelSource(source.name, source.family, "folder", str(demo.folder), source.vae, None, source.defaults, True)
+    if source.kind == "single_file" and source.family == "anima":
+        return replace(source, config=str(anima_config_folder(source, models_dir, progress)))
     if source.kind == "hub":
         local = local_copy_of(source, models_dir)
         if local is not None:
@@ -148,6 +150,62 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
         family = family_of_folder(folder, source.family)
         return ModelSource(source.name, family, "folder", str(folder), source.vae, None, source.defaults)
     return source
+
+
+ANIMA_CONFIG_ALLOW = ["modular_model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja"]
+
+
+def anima_config_folder(source: ModelSource, models_dir: Path, progress: Progress = _noop) -> Path:
+    """Where the configs, tokenizers and scheduler for ComfyUI's Anima files come from: the
+    source's own `config` (a folder or hub id), else an Anima diffusers folder in the models cache
+    whose DiT has the file's shape (demo-anima is built for a file of its size), else the configs
+    (no weights, a few MB) of the catalog's Anima repo."""
+    from studio.models.anima_comfy import config_fits
+    from studio.models.catalog import load_catalog
+
+    dit = Path(source.location)
+    if source.config:
+        folder = Path(source.config)
+        if not folder.is_dir():
+            folder = download_from_hub(source.config, models_dir, progress)
+        candidates = [folder]
+    else:
+        candidates = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+        candidates = [p for p in candidates if family_of_folder(p, "") == "anima"]
+    for folder in candidates:
+        if config_fits(folder, dit):
+            return folder
+    if source.config:
+        raise ModelNotFoundError(f"{dit.name} does not have the shape of the Anima model in {source.config}")
+    from studio.models.anima_comfy import dit_size, size_of_config
+    from studio.models.demo_anima import DEMO_DIT_SIZE, ensure_demo_anima
+
+    if dit_size(dit) == size_of_config(DEMO_DIT_SIZE):  # demo-anima written in ComfyUI's layout
+        progress(None, "building the demo model's configs (first use only)")
+        folder = ensure_demo_anima(models_dir)
+        if config_fits(folder, dit):
+            return folder
+    repo = next((e.source for e in load_catalog().values() if e.family == "anima" and not e.demo), None)
+    if repo is None:
+        raise ModelNotFoundError(f"{dit.name}: no Anima configs to load it with. {ANIMA_LAYOUT}.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    progress(None, f"fetching Anima's configs and tokenizers from {repo}")
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=ANIMA_CONFIG_ALLOW,
+                                        tqdm_class=tqdm_reporting(progress, repo)))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"{dit.name} is Anima's diffusion model in ComfyUI's layout. Its configs and tokenizers "
+            f"(a few MB, not in ComfyUI's files) come from {repo}, which is not cached and the hub cannot be "
+            f"reached: connect once, or put that repo's diffusers folder in {models_dir}"
+        ) from None
+    except OSError as exc:
+        raise ModelNotFoundError(f"could not fetch Anima's configs from {repo}: {exc}") from None
+    if not config_fits(folder, dit):
+        raise ModelNotFoundError(f"{dit.name} does not have the shape of {repo}'s Anima: another model's file?")
+    return folder
 
 
 def check_safetensors(path: Path) -> None:
@@ -255,9 +313,8 @@ def load_anima(source: ModelSource, dtype, device: str, progress: Progress = _no
     The modular pipeline reads modular_model_index.json, then `load_components` loads each
     component from the folder. It only logs a component that fails to load and leaves it None,
     so every component is checked here and a missing one is reported by name.
-    ComfyUI's split files (diffusion model + Qwen3 text encoder + Qwen-Image VAE) cannot be
-    loaded: diffusers 0.42 has single-file loaders for the Cosmos DiT but none for Anima's LLM
-    adapter (stored inside that diffusion model file), the Qwen-Image VAE or the text encoder.
+    ComfyUI's split files (diffusion model + Qwen3 text encoder + Qwen-Image VAE) load through
+    studio.models.anima_comfy, with the configs `materialize` found for them.
     """
     from diffusers import AnimaModularPipeline
 
@@ -265,10 +322,7 @@ def load_anima(source: ModelSource, dtype, device: str, progress: Progress = _no
     from studio.models.vram import pipeline_bytes
 
     if source.kind == "single_file":
-        raise ModelNotFoundError(
-            f"{Path(source.location).name} looks like a single Anima file in ComfyUI's layout, which "
-            f"diffusers cannot load. {ANIMA_LAYOUT}."
-        )
+        return _load_anima_comfy(source, dtype, progress)
     if source.kind != "folder":
         raise ValueError(f"source {source.kind} must be materialized before loading")
     if source.vae:
@@ -292,6 +346,28 @@ def load_anima(source: ModelSource, dtype, device: str, progress: Progress = _no
         )
     total, largest = pipeline_bytes(pipe)
     return LoadedModel(pipe, total, largest, _anima_weights_file(folder))
+
+
+def _load_anima_comfy(source: ModelSource, dtype, progress: Progress) -> LoadedModel:
+    """ComfyUI's three Anima files, converted into the components of an AnimaModularPipeline."""
+    from diffusers import AnimaModularPipeline
+
+    from studio.models.anima_comfy import find_files, load_components
+    from studio.models.anima_compat import GUIDER_LOGGER, ensure_cosmos_resize, quiet_logger
+    from studio.models.vram import pipeline_bytes
+
+    if not source.config:
+        raise ValueError("an Anima single file must be materialized (its configs found) before loading")
+    ensure_cosmos_resize()
+    quiet_library_progress_bars()
+    files = find_files(Path(source.location), source.vae)
+    progress(None, f"loading {source.name} ({files.dit.name}, {files.text_encoder.name}, {files.vae.name})")
+    components = load_components(files, Path(source.config), dtype)
+    with quiet_logger(GUIDER_LOGGER):
+        pipe = AnimaModularPipeline.from_pretrained(source.config)
+    pipe.update_components(**components)
+    total, largest = pipeline_bytes(pipe)
+    return LoadedModel(pipe, total, largest, files.dit)
 
 
 def _anima_weights_file(folder: Path) -> Path | None:

@@ -90,18 +90,31 @@ def model_defaults(ctx: AppContext, model: str | None = None) -> dict:
     return dict(entry.defaults) if entry else {}
 
 
+def family_defaults(ctx: AppContext, model: str) -> dict:
+    """A catalog model's own defaults; for a file or folder of the Anima family (ComfyUI's
+    Anima file), those of the catalog's Anima model, whose sampler and size it needs too."""
+    if model in ctx.manager.catalog:
+        return model_defaults(ctx, model)
+    if model and model_family(ctx, model) == "anima":
+        default = ctx.manager.catalog.get(ctx.settings.default_model)
+        demo = default is not None and default.demo  # --demo: the demo's small sizes and steps
+        entries = [e for e in ctx.manager.catalog.values() if e.family == "anima"]
+        entry = next((e for e in entries if e.demo == demo), entries[0] if entries else None)
+        return dict(entry.defaults) if entry else {}
+    return {}
+
+
 def sampler_choices(ctx: AppContext, model: str) -> list[str]:
     """The samplers the model's family can use (Anima's flow matching takes Euler and UniPC)."""
     from studio.generation.anima import ANIMA_SAMPLERS
 
-    entry = ctx.manager.catalog.get(model)
-    return list(ANIMA_SAMPLERS) if entry is not None and entry.family == "anima" else list(SAMPLERS)
+    return list(ANIMA_SAMPLERS) if model_family(ctx, model) == "anima" else list(SAMPLERS)
 
 
 def on_model_change(ctx: AppContext, model: str):
-    """A catalog model brings its recommended size, steps, CFG and sampler (the user's prompt
-    stays); any other reference leaves the form as it is."""
-    defaults = model_defaults(ctx, model) if model in ctx.manager.catalog else {}
+    """A catalog model, or a file of the Anima family, brings its recommended size, steps, CFG
+    and sampler (the user's prompt stays); any other reference leaves the form as it is."""
+    defaults = family_defaults(ctx, model)
     if not defaults:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Dropdown(choices=list(SAMPLERS))
     size = f"{defaults.get('width')}x{defaults.get('height')}"
