@@ -320,3 +320,33 @@ def test_train_labels_are_not_cut(browser, app_server, width):
         assert page.evaluate(CUT_LABELS, "") == []
     finally:
         page.close()
+
+
+def test_png_info_sends_the_images_loras_to_the_stack_and_names_the_missing_one(page, app_server, tmp_path):
+    """Drop an A1111 PNG whose prompt has <lora:...> tags, Send to the form: the prompt comes
+    without the tags, the LoRA that is in workspace/loras fills slot 1 at the image's weight, and
+    the one that is not is named in a message."""
+    from PIL import Image
+
+    from studio.generation.infotext import save_png
+    from tests.lora_fixtures import write_demo_kohya_lora
+
+    write_demo_kohya_lora(app_server.workspace / "loras" / "png-style.safetensors", seed=3)
+    png = tmp_path / "from-a1111.png"
+    save_png(Image.new("RGB", (64, 64), "white"), png,
+             "1girl, solo, <lora:png-style:0.7>, <lora:somebody-elses:1>\nNegative prompt: lowres\n"
+             "Steps: 5, Sampler: Euler a, CFG scale: 6, Seed: 99, Size: 64x64")
+    page.get_by_text("PNG Info: read the parameters of any image").click()
+    page.locator("#gen-png-file input[type=file]").set_input_files(str(png))
+    page.wait_for_function("() => document.querySelector('#gen-png-text textarea').value.includes('png-style')",
+                           timeout=30_000)
+    page.locator("#gen-png-send").click()
+    warning = page.get_by_test_id("toast-text").filter(has_text="somebody-elses")
+    warning.wait_for(timeout=30_000)  # the warning names the LoRA that is not there
+    assert "png-style" not in warning.inner_text()
+    if not page.locator("#gen-lora-1").is_visible():
+        page.get_by_role("button", name="LoRA stack").click()
+    assert page.locator("#gen-lora-1 input").input_value() == "png-style.safetensors"
+    assert page.locator("#gen-lora-1-weight input[type=number]").input_value() == "0.7"
+    assert page.locator("#gen-lora-2 input").input_value() == ""
+    assert page.locator("#gen-prompt textarea").input_value() == "1girl, solo"

@@ -182,7 +182,8 @@ def build(ctx: AppContext) -> GenerateTab:
                         f[f"lora_{i}"] = gr.Dropdown([("", ""), *choices], value="", label=f"LoRA {i}",
                                                      allow_custom_value=True,
                                                      scale=3, elem_id=f"gen-lora-{i}")
-                        f[f"lora_{i}_weight"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
+                        f[f"lora_{i}_weight"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
+                                                          elem_id=f"gen-lora-{i}-weight")
                 with gr.Row():
                     c["lora_upload"] = gr.File(label="Add a LoRA (.safetensors) to workspace/loras",
                                                file_types=[".safetensors"], scale=3)
@@ -208,9 +209,10 @@ def build(ctx: AppContext) -> GenerateTab:
                                        interactive=False, buttons=["copy"])
     with gr.Accordion("PNG Info: read the parameters of any image", open=False):
         with gr.Row():
-            c["png_file"] = gr.File(label="Drop a PNG made by the studio, A1111, Forge or ComfyUI", file_types=["image"])
-            c["png_text"] = gr.Textbox(label="Parameters", lines=6, interactive=False)
-        c["png_send"] = gr.Button("Send to the form")
+            c["png_file"] = gr.File(label="Drop a PNG made by the studio, A1111, Forge or ComfyUI", file_types=["image"],
+                                    elem_id="gen-png-file")
+            c["png_text"] = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="gen-png-text")
+        c["png_send"] = gr.Button("Send to the form", elem_id="gen-png-send")
     grid_title = "Comparison grid (X/Y plot): pick an epoch and a weight"
     with gr.Accordion(grid_title, open=False) as c["grid_accordion"]:
         with gr.Row():
