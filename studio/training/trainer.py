@@ -36,14 +36,24 @@ from studio.training.loop import (
 from studio.wording import a
 
 
+def cpu_precision(requested: str) -> str:
+    """What a CPU can train in: bf16 where it computes it natively (AVX512-BF16 or AMX: half the
+    memory of fp32, so full-size models fit in RAM), otherwise fp32; never fp16."""
+    import torch
+
+    if requested == "bf16" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "no"
+
+
 def _accelerator(config: TrainConfig):
-    """One Accelerator per run. Without CUDA it runs on the CPU, in fp32, and several processes
-    (accelerate launch / torchrun) train data-parallel over gloo."""
+    """One Accelerator per run. Without CUDA it runs on the CPU (bf16 where the CPU has it, else
+    fp32), and several processes (accelerate launch / torchrun) train data-parallel over gloo."""
     import torch
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    precision = config.mixed_precision if cuda else "no"
+    precision = config.mixed_precision if cuda else cpu_precision(config.mixed_precision)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     return accelerator, precision
@@ -151,7 +161,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     log = EventLog(run_dir, on_event, config.tensorboard, main)
     if precision != config.mixed_precision:
-        log.emit("message", 0, 0, text=f"mixed_precision {config.mixed_precision} needs a CUDA GPU; training in fp32")
+        log.emit("message", 0, 0, text=f"mixed_precision {config.mixed_precision} needs a CUDA GPU (bf16: or a CPU "
+                 "with AVX512-BF16); training in fp32")
 
     # 2. Data: samples with buckets, the batch plan (global batch = per-device batch x processes).
     data = collect_samples(config)
