@@ -370,3 +370,25 @@ def test_import_does_no_work():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_single_file_given_by_path_finds_its_configs_in_the_models_folder(cached_demo, tmp_path):
+    """Offline, diffusers needs an SDXL single file's configs; an SDXL diffusers folder in the
+    models cache whose UNet has the file's shape lends them (one of another shape does not)."""
+    import json
+    import shutil
+
+    from studio.models.catalog import load_catalog, resolve_reference
+    from studio.models.loaders import materialize
+
+    copy = tmp_path / "my-checkpoint.safetensors"
+    shutil.copy(cached_demo.single_file, copy)
+    source = resolve_reference(str(copy), load_catalog())
+    assert source.config is None
+    models = cached_demo.folder.parent
+    assert materialize(source, models).config == str(cached_demo.folder)
+    other = tmp_path / "models"
+    shutil.copytree(cached_demo.folder, other / "other-sdxl")
+    config_file = other / "other-sdxl" / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "projection_class_embeddings_input_dim": 1}))
+    assert materialize(source, other).config is None

@@ -140,6 +140,9 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
             return ModelSource(source.name, source.family, "single_file", str(demo.single_file), source.vae,
                                str(demo.folder), source.defaults, True)
         return ModelSource(source.name, source.family, "folder", str(demo.folder), source.vae, None, source.defaults, True)
+    if source.kind == "single_file" and source.family == "sdxl" and not source.config:
+        folder = sdxl_config_folder(Path(source.location), models_dir)
+        return replace(source, config=str(folder)) if folder else source
     if source.kind == "single_file" and source.family == "anima":
         return replace(source, config=str(anima_config_folder(source, models_dir, progress)))
     if source.kind == "hub":
@@ -150,6 +153,44 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
         family = family_of_folder(folder, source.family)
         return ModelSource(source.name, family, "folder", str(folder), source.vae, None, source.defaults)
     return source
+
+
+def _sgm_unet_signature(path: Path) -> tuple | None:
+    """(first channels, input channels, class-embedding width, middle transformer depth) of an
+    SGM single-file SDXL UNet, from its header."""
+    from studio.models.anima_comfy import _tensor_shape
+    from studio.models.catalog import safetensors_keys
+
+    prefix = "model.diffusion_model."
+    conv_in = _tensor_shape(path, f"{prefix}input_blocks.0.0.weight")
+    label = _tensor_shape(path, f"{prefix}label_emb.0.0.weight")
+    if not conv_in or not label:
+        return None
+    middle = f"{prefix}middle_block.1.transformer_blocks."
+    depth = {k.removeprefix(middle).split(".")[0] for k in safetensors_keys(path) if k.startswith(middle)}
+    return conv_in[0], conv_in[1], label[1], len(depth)
+
+
+def sdxl_config_folder(path: Path, models_dir: Path) -> Path | None:
+    """An SDXL diffusers folder in the models cache whose UNet has the single file's shape: its
+    configs and tokenizers let diffusers load the file offline (it would otherwise fetch them
+    from the hub). None when there is none."""
+    signature = _sgm_unet_signature(path)
+    if signature is None or not models_dir.is_dir():
+        return None
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if family_of_folder(folder, "") != "sdxl":
+            continue
+        try:
+            config = json.loads((folder / "unet" / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        layers = config.get("transformer_layers_per_block", 1)
+        depth = layers[-1] if isinstance(layers, list) else layers
+        if (config.get("block_out_channels", [0])[0], config.get("in_channels"),
+                config.get("projection_class_embeddings_input_dim"), depth) == signature:
+            return folder
+    return None
 
 
 ANIMA_CONFIG_ALLOW = ["modular_model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja"]

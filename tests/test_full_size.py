@@ -1,0 +1,180 @@
+"""Real-size smoke runs on the CPU: full-size SDXL (base 1.0 configs) and full-size Anima (2B DiT,
+Qwen3 0.6B, adapter, Qwen-Image VAE), random weights in bf16, written to disk in the layouts users
+have, then through the studio's own entry points at 256x256: the manager loads and generates, the
+trainer trains 2 LoRA steps (gradient checkpointing, cached latents and text) and saves the file
+users load, and the Generate path reloads that file and reproduces the training sample.
+
+Each run records seconds per step and peak RAM in `full_size_report.json` (in the test's folder
+and, with STUDIO_FULL_SIZE_REPORT set, at that path). Marked slow: `.ci/run` runs them after the
+default tests (`python -m pytest -m full_size`); they need about 20 GB of RAM and a CPU with bf16
+(AVX512-BF16 or AMX) to stay inside 24 GB.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.full_size]
+
+SIZE = 256
+PROMPT = "1girl, solo, red hair, smile"
+
+
+def _bf16_cpu() -> bool:
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+needs_bf16 = pytest.mark.skipif(not _bf16_cpu(), reason="needs a CPU with bf16 (AVX512-BF16 or AMX) to fit 24 GB")
+
+
+def peak_ram_gb() -> float:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class Report:
+    def __init__(self, folder: Path, name: str):
+        self.path, self.name, self.values = folder / "full_size_report.json", name, {}
+
+    def record(self, key: str, value) -> None:
+        self.values[key] = round(value, 2) if isinstance(value, float) else value
+        print(f"[{self.name}] {key}: {self.values[key]}", flush=True)
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps({self.name: self.values}, indent=1))
+        target = os.environ.get("STUDIO_FULL_SIZE_REPORT")
+        if target:
+            existing = json.loads(Path(target).read_text()) if Path(target).is_file() else {}
+            Path(target).write_text(json.dumps({**existing, self.name: self.values}, indent=1))
+
+
+def make_dataset(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype("uint8")).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(PROMPT)
+    return folder
+
+
+def manager_for(models: Path):
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+
+    return ModelManager(models, requested_policy="cpu", device=DeviceInfo("cpu", "CPU", bf16=True))
+
+
+def timed_generate(manager, out: Path, report: Report, key: str, **fields):
+    from studio.generation.generate import generate
+    from studio.schemas import GenerateConfig
+
+    config = GenerateConfig(**{"prompt": PROMPT, "width": SIZE, "height": SIZE, "steps": 2, "seed": 11, **fields})
+    start = time.perf_counter()
+    result = generate(manager, config, outputs_dir=out, default_model="demo-sdxl")
+    report.record(f"{key}_seconds", time.perf_counter() - start)
+    report.record(f"{key}_peak_ram_gb", peak_ram_gb())
+    return result.images[0]
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, report: Report, **train_fields):
+    """2 LoRA steps through the trainer, a sample of the final step, then the saved file through
+    the Generate path with the sample's own settings: the images agree."""
+    from studio.generation.infotext import parse_infotext, read_infotext
+    from studio.models.lora_format import inspect_lora
+    from studio.training.config import TrainConfig
+    from studio.training.loop import read_events
+    from studio.training.trainer import train
+
+    config = TrainConfig(
+        pretrained_model=model, datasets=[{"path": str(make_dataset(tmp_path / "data"))}], resolution=SIZE,
+        min_bucket_reso=SIZE, max_bucket_reso=SIZE, network_dim=4, network_alpha=4.0, learning_rate=1e-2,
+        max_train_steps=2, train_batch_size=1, mixed_precision="bf16", gradient_checkpointing=True,
+        cache_latents=True, cache_text_encoder_outputs=True, save_every_n_epochs=0, tensorboard=False, seed=3,
+        sample_prompts=[PROMPT], sample_every_n_steps=2, sample_steps=2, sample_size=(SIZE, SIZE),
+        output_name=f"full-{family}", **train_fields,
+    )
+    start = time.perf_counter()
+    result = train(config, run_dir=tmp_path / "run", models_dir=models, cache_dir=tmp_path / "cache")
+    assert result.status == "done", result
+    events = read_events(result.run_dir)
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2] and all(np.isfinite(e["loss"]) for e in steps)
+    report.record("train_seconds_total", time.perf_counter() - start)
+    report.record("train_seconds_per_step", 1 / steps[-1]["it_s"])  # over both steps, without loading
+    report.record("train_peak_ram_gb", peak_ram_gb())
+    lora = result.loras[-1]
+    info = inspect_lora(lora)
+    assert info.family == family and info.modules > 0
+    report.record("lora_file", lora.name)
+    sample = sorted(result.run_dir.glob("samples/step000002-*.png"))[0]
+    prompt, negative, params = parse_infotext(read_infotext(sample))
+    gc.collect()
+    return lora, sample, prompt, negative, params
+
+
+@needs_bf16
+def test_full_size_sdxl(tmp_path):
+    import torch
+
+    from bench.sdxl_full_size import UNET_PARAMETERS, build_full_size_sdxl
+    from studio.models.sgm_convert import sdxl_pipeline_to_sgm
+
+    report = Report(tmp_path, "sdxl")
+    models = tmp_path / "models"
+    start = time.perf_counter()
+    pipe = build_full_size_sdxl(device="cpu", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == UNET_PARAMETERS
+    folder = models / "sdxl-full"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    from safetensors.torch import save_file
+
+    single = models / "sdxl-full-single.safetensors"
+    save_file({k: v.contiguous() for k, v in sdxl_pipeline_to_sgm(pipe).items()}, str(single))
+    del pipe
+    gc.collect()
+    report.record("build_and_write_seconds", time.perf_counter() - start)
+
+    manager = manager_for(models)
+    # the training sample's settings (sample_seed, Euler a, CFG 6), without the LoRA
+    as_sample = {"seed": 1234, "sampler": "Euler a", "cfg_scale": 6.0,
+                 "style": {"quality_tags": False, "default_negative": False}}
+    base = timed_generate(manager, tmp_path / "out", report, "generate_folder", model=str(folder), **as_sample)
+    assert pixels(base.path).std() > 1
+    manager.unload()
+    single_image = timed_generate(manager, tmp_path / "out", report, "generate_single_file", model=str(single),
+                                  **as_sample)
+    assert np.abs(pixels(single_image.path) - pixels(base.path)).max() <= 2, "the SGM file is the same model"
+    manager.unload()
+    gc.collect()
+
+    lora, sample, prompt, negative, params = train_and_reproduce(str(folder), "sdxl", tmp_path, models, report)
+    from studio.schemas import LoraSpec
+
+    again = timed_generate(manager, tmp_path / "out", report, "generate_with_lora", model=str(folder),
+                           prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
+                           style={"quality_tags": False, "default_negative": False},
+                           sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
+                           loras=[LoraSpec(path=str(lora), weight=1.0)])
+    difference = np.abs(pixels(again.path) - pixels(sample)).mean()
+    report.record("sample_vs_generate_mean_abs", float(difference))
+    assert difference < 4, "the reloaded LoRA makes the training sample's image"
+    assert np.abs(pixels(again.path) - pixels(base.path)).mean() > difference, "and the LoRA changed the image"
+    report.write()
