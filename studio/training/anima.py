@@ -48,6 +48,7 @@ def transformer_targets(target: str) -> str:
 class AnimaTrainingModel:
     family = "anima"
     base_model_version = "anima"
+    SAMPLE_SAMPLER = "Euler"  # what sample_images uses, by its Generate name (for the samples' infotext)
     validation_timesteps = (100, 300, 500, 700, 900)  # thousandths of sigma
 
     def __init__(self, pipe, config: TrainConfig, device, weight_dtype):
@@ -267,7 +268,9 @@ class AnimaTrainingModel:
                 if stop is not None and stop.is_set():  # the modular pipeline has no step callback
                     raise JobStopped("sampling stopped")
                 generator = torch.Generator("cpu").manual_seed(seed + i)
-                with torch.no_grad(), quiet_logger(BLOCK_ERROR_LOGGER):
+                low_precision = self.weight_dtype != torch.float32  # the trained network's fp32 weights too
+                with torch.no_grad(), quiet_logger(BLOCK_ERROR_LOGGER), \
+                        torch.autocast(self.device.type, self.weight_dtype, enabled=low_precision):
                     images += pipe(prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
                                    num_inference_steps=steps, max_sequence_length=MAX_SEQUENCE_LENGTH,
                                    generator=[generator], output_type="pil", output="images")

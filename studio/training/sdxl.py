@@ -36,6 +36,7 @@ def network_config(config: TrainConfig, targets: list[str]):
 class SDXLTrainingModel:
     family = "sdxl"
     base_model_version = "sdxl_base_v1-0"
+    SAMPLE_SAMPLER = "Euler a"  # what sample_images uses, by its Generate name (for the samples' infotext)
 
     def __init__(self, pipe, config: TrainConfig, device, weight_dtype):
         import torch
@@ -225,10 +226,14 @@ class SDXLTrainingModel:
     # -- outputs -------------------------------------------------------------------------------
     def sample_images(self, prompts: list[str], negative: str, seed: int, steps: int, size: tuple[int, int],
                       cfg: float, stop=None) -> list:
-        """Images from the model being trained (network active), fixed seed per prompt. A set
-        `stop` event raises JobStopped at the next denoising step."""
+        """Images from the model being trained (network active), fixed seed per prompt, made as
+        the Generate tab makes them (its prompt encoder: A1111 emphasis, 75-token chunks, zeros for
+        an empty negative; the weights' precision), so a sample equals the app's image with the
+        saved LoRA. A set `stop` event raises JobStopped at the next denoising step."""
         import torch
         from diffusers import EulerAncestralDiscreteScheduler
+
+        from studio.generation.conditioning import encode_prompt_sdxl
 
         pipe = self.pipe
         original = pipe.scheduler
@@ -239,10 +244,12 @@ class SDXLTrainingModel:
         self._unpark(back=True)
         try:
             images = []
+            low_precision = self.weight_dtype != torch.float32  # the trained network's fp32 weights too
             for i, prompt in enumerate(prompts):
                 generator = torch.Generator("cpu").manual_seed(seed + i)
-                with torch.no_grad():
-                    images += pipe(prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
+                with torch.no_grad(), torch.autocast(self.device.type, self.weight_dtype, enabled=low_precision):
+                    conditioning = encode_prompt_sdxl(pipe, prompt, negative, self.device)
+                    images += pipe(**conditioning.pipeline_kwargs(), width=size[0], height=size[1],
                                    num_inference_steps=steps, guidance_scale=cfg, generator=generator,
                                    callback_on_step_end=_stop_check(stop)).images
             return images

@@ -373,7 +373,7 @@ class Saver:
             return
         paths = []
         for i, (prompt, image) in enumerate(zip(config.sample_prompts, images)):
-            text = format_infotext(prompt, "", {"Steps": config.sample_steps, "Sampler": "Euler a",
+            text = format_infotext(prompt, "", {"Steps": config.sample_steps, "Sampler": self.model.SAMPLE_SAMPLER,
                                                 "CFG scale": config.sample_cfg, "Seed": config.sample_seed + i,
                                                 "Size": f"{image.width}x{image.height}",
                                                 "Model": self.source.name, "Training step": step})
