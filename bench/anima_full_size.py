@@ -15,20 +15,7 @@ The tokenizers are the demo's (their ids fall inside the real vocabularies); onl
 
 from __future__ import annotations
 
-ANIMA_TRANSFORMER = dict(
-    in_channels=16, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28, mlp_ratio=4.0,
-    text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
-    rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=True, extra_pos_embed_type=None,
-)
-QWEN3_0_6B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-    tie_word_embeddings=True,
-)
-ANIMA_CONDITIONER = dict(source_dim=1024, target_dim=1024, model_dim=1024, num_layers=6, num_attention_heads=16,
-                         target_vocab_size=32128, min_sequence_length=512)
-QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                      temperal_downsample=[False, True, True])
+from studio.models.full_size import ANIMA_CONDITIONER, ANIMA_TRANSFORMER, QWEN3_0_6B, QWEN_IMAGE_VAE
 
 
 def build_models(device="meta"):

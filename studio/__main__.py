@@ -84,15 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, help="max_train_steps")
     tr.add_argument("--stop-after", type=int, help="stop after this step, saving a resumable state (as Stop does)")
     tr.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue that run to its configured end")
+    tr.add_argument("--plan", action="store_true",
+                    help="print the memory this run needs on this machine's GPU (or RAM) and what would lower it, "
+                         "then exit: nothing is loaded or trained")
     tr.add_argument("--workspace", type=Path, default=Path("workspace"))
     q = commands.add_parser("queue", help="the run queue the app trains from (workspace/queue.json)")
     q_commands = q.add_subparsers(dest="queue_command", required=True)
     add = q_commands.add_parser("add", help="queue a run: the same arguments as train")
     for action in tr._actions:
-        if action.dest not in ("help", "resume", "stop_after", "output_dir"):
+        if action.dest not in ("help", "resume", "stop_after", "output_dir", "plan"):
             add._add_action(action)
-    for name, helptext in (("list", "the queued runs, in order"), ("run", "train the waiting runs here, one "
-                           "after another (without the app)")):
+    for name, helptext in (("list", "the queued runs, in order"),
+                           ("run", "train the waiting runs here, one after another (without the app)")):
         sub = q_commands.add_parser(name, help=helptext)
         sub.add_argument("--workspace", type=Path, default=Path("workspace"))
     cancel = q_commands.add_parser("cancel", help="take a waiting run out of the queue")
@@ -190,6 +193,15 @@ def run_train(args: argparse.Namespace) -> int:
         config = resolve_train_config(args, presets_root=args.workspace / "presets")
         run_dir = (args.output_dir or new_run_dir(args.workspace / "runs", config.output_name)).absolute()
     config = paths.train_config(config, load_catalog())  # absolute paths: a resume from elsewhere finds them
+    if args.plan:
+        from studio.training.memory_plan import plan_for_this_machine
+
+        plan = plan_for_this_machine(config, args.workspace / "models")
+        print(f"{config.output_name}: {plan.summary()}")
+        print(f"  {plan.details()}")
+        for note in plan.notes:
+            print(f"  note: {note}")
+        return 0
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun, one bar
     if main_process:
         write_run_config(run_dir, config)

@@ -58,6 +58,36 @@ class Report:
             Path(target).write_text(json.dumps({**existing, self.name: self.values}, indent=1))
 
 
+class RssPeak:
+    """The most resident memory the process gained over its level at the start of the block,
+    sampled every 20 ms (what training adds: model, network, activations, caches)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.process = psutil.Process()
+        self.start = self.process.memory_info().rss
+        self.peak = self.start
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def peak_delta(self) -> int:
+        return self.peak - self.start
+
+
 def make_dataset(folder: Path) -> Path:
     from PIL import Image
 
@@ -111,9 +141,18 @@ def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, r
         sample_prompts=[PROMPT], sample_every_n_steps=2, sample_steps=2, sample_size=(SIZE, SIZE),
         output_name=f"full-{family}", **train_fields,
     )
+    from studio.training.memory_plan import config_folder_for, plan_training
+
+    found_family, folder = config_folder_for(config, models)
+    plan = plan_training(config, found_family, folder, device="cpu")
+    report.record("plan_gb", plan.total / 1024**3)
+    report.record("plan_parts", plan.details())
     start = time.perf_counter()
-    result = train(config, run_dir=tmp_path / "run", models_dir=models, cache_dir=tmp_path / "cache")
+    with RssPeak() as rss:
+        result = train(config, run_dir=tmp_path / "run", models_dir=models, cache_dir=tmp_path / "cache")
     assert result.status == "done", result
+    report.record("train_measured_gb", rss.peak_delta / 1024**3)
+    report.record("plan_error", plan.total / rss.peak_delta - 1)
     events = read_events(result.run_dir)
     steps = [e for e in events if e["kind"] == "step"]
     assert [e["step"] for e in steps] == [1, 2] and all(np.isfinite(e["loss"]) for e in steps)
@@ -124,7 +163,7 @@ def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, r
     info = inspect_lora(lora)
     assert info.family == family and info.modules > 0
     report.record("lora_file", lora.name)
-    sample = sorted(result.run_dir.glob("samples/step000002-*.png"))[0]
+    sample = result.run_dir / "samples" / "step000002-0.png"
     prompt, negative, params = parse_infotext(read_infotext(sample))
     gc.collect()
     return lora, sample, prompt, negative, params
@@ -172,6 +211,57 @@ def test_full_size_sdxl(tmp_path):
                            prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
                            style={"quality_tags": False, "default_negative": False},
                            sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
+                           loras=[LoraSpec(path=str(lora), weight=1.0)])
+    difference = np.abs(pixels(again.path) - pixels(sample)).mean()
+    report.record("sample_vs_generate_mean_abs", float(difference))
+    assert difference < 4, "the reloaded LoRA makes the training sample's image"
+    assert np.abs(pixels(again.path) - pixels(base.path)).mean() > difference, "and the LoRA changed the image"
+    report.write()
+
+
+@needs_bf16
+def test_full_size_anima(tmp_path):
+    """Anima at real size, as a diffusers folder and as ComfyUI's three files: both load and make
+    the same image, the trainer trains from ComfyUI's files, and its LoRA reproduces the sample."""
+    import torch
+
+    from bench.anima_full_size import build_full_size_anima
+    from studio.models.demo_anima import _index_without_locations
+    from tests.anima_comfy_fixture import write_comfy_anima
+
+    report = Report(tmp_path, "anima")
+    models = tmp_path / "models"
+    start = time.perf_counter()
+    pipe = build_full_size_anima("cpu", torch.bfloat16)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) > 1.9e9
+    folder = models / "anima-full"
+    pipe.save_pretrained(str(folder), safe_serialization=True, overwrite_modular_index=True)
+    _index_without_locations(folder)
+    comfy = write_comfy_anima(pipe, tmp_path / "ComfyUI" / "models", dit_name="anima-full.safetensors",
+                              dtype=torch.bfloat16)
+    del pipe
+    gc.collect()
+    report.record("build_and_write_seconds", time.perf_counter() - start)
+
+    manager = manager_for(models)
+    as_sample = {"seed": 1234, "sampler": "Euler", "cfg_scale": 6.0,
+                 "style": {"quality_tags": False, "default_negative": False}}
+    base = timed_generate(manager, tmp_path / "out", report, "generate_folder", model=str(folder), **as_sample)
+    assert pixels(base.path).std() > 1
+    manager.unload()
+    from_comfy = timed_generate(manager, tmp_path / "out", report, "generate_comfyui_files", model=str(comfy),
+                                **as_sample)
+    assert np.abs(pixels(from_comfy.path) - pixels(base.path)).max() <= 2, "ComfyUI's files are the same model"
+    manager.unload()
+    gc.collect()
+
+    lora, sample, prompt, negative, params = train_and_reproduce(str(comfy), "anima", tmp_path, models, report)
+    from studio.schemas import LoraSpec
+
+    again = timed_generate(manager, tmp_path / "out", report, "generate_with_lora", model=str(comfy),
+                           prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
+                           sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
+                           style={"quality_tags": False, "default_negative": False},
                            loras=[LoraSpec(path=str(lora), weight=1.0)])
     difference = np.abs(pixels(again.path) - pixels(sample)).mean()
     report.record("sample_vs_generate_mean_abs", float(difference))

@@ -59,6 +59,23 @@ def _accelerator(config: TrainConfig):
     return accelerator, precision
 
 
+def _emit_memory_plan(config: TrainConfig, precision: str, device, models_dir: Path, log: EventLog) -> None:
+    """The run's memory plan as its first message (and in the event, for benchmarks to compare
+    with the measured peak). A model the plan cannot read never stops the run."""
+    from studio.training.memory_plan import GB, config_folder_for, device_memory, plan_training
+
+    try:
+        family, folder = config_folder_for(config, models_dir)
+        kind, free = device_memory()
+        plan = plan_training(config.model_copy(update={"mixed_precision": precision}), family, folder,
+                             device=kind if device.type != "cpu" else "cpu", free_bytes=free)
+    except Exception as exc:  # noqa: BLE001 - an estimate; the run goes on without it
+        log.emit("message", 0, 0, text=f"memory plan unavailable: {str(exc).splitlines()[0][:200]}")
+        return
+    log.emit("message", 0, 0, text=f"memory plan: {plan.summary()} ({plan.details()})",
+             memory_plan_gb={name: round(size / GB, 3) for name, size in plan.parts.items()})
+
+
 def _weight_dtype(precision: str):
     import torch
 
@@ -173,6 +190,9 @@ def train(
     plan = make_plan(config, plan_batches.batches_per_epoch)
     log.emit("message", 0, 0, text=f"{data.images} images, {len(data.train)} samples with repeats and resolutions, "
              f"{plan.batches_per_epoch} batches per epoch, {plan.total_steps} steps", plan=plan.__dict__)
+
+    if main:
+        _emit_memory_plan(config, precision, accelerator.device, models_dir, log)
 
     # 3. The model, its network, the caption sampler and the caches.
     model, source = _load_model(config, models_dir, accelerator.device, _weight_dtype(precision),

@@ -1,0 +1,100 @@
+"""The memory plan: built on the meta device from the model's configs with the run's own network,
+it counts exactly the trainable parameters the trainer trains, scales as activations do, names
+the settings that would make a run fit, and is printed by `python -m studio train --plan` and at
+the start of every run. (Its error against measured peaks: tests/test_full_size.py on the CPU,
+bench/gpu_suite.py on a GPU.)"""
+
+import subprocess
+import sys
+
+import pytest
+
+from studio.training.config import TrainConfig
+from studio.training.memory_plan import GB, measure, plan_training
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def config(**fields) -> TrainConfig:
+    values = {"pretrained_model": "animagine-xl-3.1", "datasets": [{"path": "/data"}], "resolution": 1024,
+              "train_batch_size": 1, "gradient_checkpointing": True, "cache_latents": True,
+              "cache_text_encoder_outputs": True, "network_dim": 16, "optimizer_type": "AdamW"}
+    return TrainConfig(**{**values, **fields})
+
+
+@pytest.mark.parametrize("model", ["demo-sdxl", "demo-anima"])
+def test_the_plans_network_is_the_trainers(model, demo_models_dir):
+    """The trainable parameters counted on meta equal those of the real model the trainer builds."""
+    import torch
+
+    from studio.models.catalog import load_catalog, resolve_reference
+    from studio.models.loaders import load_model
+    from studio.training.memory_plan import config_folder_for
+
+    run = config(pretrained_model=model, network_dim=8, network_target="attention_ff", mixed_precision="no")
+    family, folder = config_folder_for(run, demo_models_dir)
+    counts = measure(run, family, folder)
+    loaded = load_model(resolve_reference(model, load_catalog()), demo_models_dir, torch.float32, "cpu")
+    if family == "sdxl":
+        from studio.training.sdxl import SDXLTrainingModel as Model
+    else:
+        from studio.training.anima import AnimaTrainingModel as Model
+    real = Model(loaded.model, run, torch.device("cpu"), torch.float32)
+    groups = real.add_network()
+    assert counts.trainable == sum(p.numel() for group in groups for p in group["params"]) > 0
+    assert sum(counts.frozen.values()) == sum(p.numel() for name in counts.frozen
+                                              for p in getattr(loaded.model, name).parameters() if not p.requires_grad)
+
+
+@pytest.mark.slow
+@pytest.mark.full_size
+def test_full_size_sdxl_parts_and_scaling():
+    """animagine-xl-3.1 (SDXL base configs, nothing downloaded): the weights are the UNet in bf16;
+    activations grow with the batch and the pixels (not with the square of the tokens: attention
+    is counted as SDPA's efficient kernels keep it) and checkpointing cuts them."""
+    plan = plan_training(config(), "sdxl", None)
+    assert plan.parts["weights"] == 2_567_463_684 * 2  # the text encoders and VAE are parked once cached
+    assert plan.parts["network"] == measure(config(), "sdxl", None).trainable * 16  # fp32 + grad + AdamW
+    ckpt = plan.parts["activations"]
+    full = plan_training(config(gradient_checkpointing=False), "sdxl", None).parts["activations"]
+    assert 4 * ckpt < full < 40 * GB
+    batch4 = plan_training(config(gradient_checkpointing=False, train_batch_size=4), "sdxl", None)
+    assert batch4.parts["activations"] == pytest.approx(4 * full, rel=0.05)
+    small = plan_training(config(gradient_checkpointing=False, resolution=512), "sdxl", None).parts["activations"]
+    assert 3 < full / small < 5, "4x the pixels, about 4x the activations"
+    uncached = plan_training(config(cache_latents=False, cache_text_encoder_outputs=False), "sdxl", None)
+    assert uncached.parts["weights"] > plan.parts["weights"] + 1.5 * GB  # text encoders + the fp32 VAE
+
+
+def test_a_run_that_does_not_fit_is_told_what_would_make_it_fit():
+    plan = plan_training(config(gradient_checkpointing=False, cache_text_encoder_outputs=False), "sdxl", None,
+                         device="cuda", free_bytes=8 * GB)
+    assert plan.fits is False
+    assert plan.advice[0][0] == "turn on gradient checkpointing" and plan.advice[0][1] > 5 * GB
+    assert "cache the text encoder outputs" in [label for label, _ in plan.advice]
+    summary = plan.summary()
+    assert summary.startswith(f"needs ~{plan.total / GB:.1f} GB of VRAM, you have 8.0 GB free: turn on gradient")
+    roomy = plan_training(config(), "sdxl", None, device="cuda", free_bytes=80 * GB)
+    assert roomy.fits and roomy.advice == [] and roomy.summary().endswith("you have 80.0 GB free")
+
+
+@pytest.mark.slow
+@pytest.mark.full_size
+def test_anima_plan_counts_its_dit():
+    plan = plan_training(config(pretrained_model="anima"), "anima", None)
+    assert plan.parts["weights"] == pytest.approx(1.956e9 * 2, rel=0.01)
+    assert 0 < plan.parts["activations"] < plan_training(config(pretrained_model="anima", gradient_checkpointing=False),
+                                                         "anima", None).parts["activations"]
+
+
+def test_the_cli_prints_the_plan_and_trains_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "studio", "train", "--preset", "demo-sdxl", "--dataset", str(tmp_path),
+         "--workspace", str(tmp_path / "ws"), "--plan"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = result.stdout.splitlines()[0]
+    assert " needs ~" in first and "GB free" in first
+    assert "weights" in result.stdout and "activations" in result.stdout
+    assert not (tmp_path / "ws" / "runs").exists()
