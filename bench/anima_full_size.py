@@ -50,7 +50,12 @@ def build_full_size_anima(device="cuda", dtype=None):
     dtype = dtype or torch.bfloat16
     ensure_cosmos_resize()
     tokenizer = build_demo_qwen_tokenizer()
-    models = build_models(device)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype` directly: no float32 copy (8 GB for the DiT alone)
+    try:
+        models = build_models(device)
+    finally:
+        torch.set_default_dtype(previous)
     models["text_encoder"].config.pad_token_id = tokenizer.pad_token_id
     for module in models.values():
         module.to(dtype).eval()

@@ -350,3 +350,24 @@ def test_png_info_sends_the_images_loras_to_the_stack_and_names_the_missing_one(
     assert page.locator("#gen-lora-1-weight input[type=number]").input_value() == "0.7"
     assert page.locator("#gen-lora-2 input").input_value() == ""
     assert page.locator("#gen-prompt textarea").input_value() == "1girl, solo"
+
+
+def test_plan_memory_shows_what_the_run_needs_and_what_the_machine_has(train_page, app_server):
+    """Pick the demo preset and a dataset, press Plan memory: the page says how many GB the run
+    needs and how much this machine has free (a CPU here: RAM), without starting anything."""
+    from tests.train_fixtures import make_dataset
+
+    page = train_page
+    make_dataset(app_server.workspace / "datasets" / "browser-plan")
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="demo-sdxl").click()
+    page.locator("#train-datasets-refresh").click()
+    page.locator("#train-datasets input").click()
+    page.get_by_role("option", name="browser-plan").click()
+    page.keyboard.press("Escape")
+    page.locator("#train-plan-button").click()
+    page.wait_for_function("document.querySelector('#train-plan').innerText.includes('GB free')", timeout=60_000)
+    text = page.locator("#train-plan").inner_text()
+    assert "fits" in text and "needs ~" in text and "of RAM" in text
+    assert "weights" in text and "activations" in text
+    assert not list((app_server.workspace / "runs").glob("browser-plan*")), "nothing was started"

@@ -26,7 +26,9 @@ from pathlib import Path
 from studio.training.config import TrainConfig
 
 GB = 1024**3
-WORKSPACE_BYTES = int(0.75 * GB)
+# transient buffers of the backward pass and allocator slack: on a GPU also cuBLAS/cuDNN workspaces
+# and fragmentation; the CPU figure is calibrated on tests/test_full_size.py's measured runs
+WORKSPACE_BYTES = {"gpu": int(0.75 * GB), "cpu": int(0.25 * GB)}
 # bytes of optimizer state per trainable parameter (fp32 weights)
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16, "Lion": 4}
 # the modules diffusers checkpoints, by family: their inputs stay, their insides are recomputed
@@ -280,7 +282,8 @@ def _plan(config: TrainConfig, counts: _Measure, device: str, free_bytes: int | 
     activations = int(counts.activations.total(config.gradient_checkpointing) * scale)
     optimizer = OPTIMIZER_STATE_BYTES.get(config.optimizer_type, 8)
     plan = MemoryPlan({"weights": frozen, "network": counts.trainable * (4 + 4 + optimizer),
-                       "activations": activations, "workspace": WORKSPACE_BYTES}, device, free_bytes)
+                       "activations": activations, "workspace": WORKSPACE_BYTES["gpu" if on_gpu else "cpu"]},
+                      device, free_bytes)
     if not config.cache_latents and on_gpu:
         plan.notes.append("the VAE encodes each batch on the device: its own peak comes on top at large sizes")
     if config.train_text_encoder:
@@ -373,12 +376,16 @@ def device_memory() -> tuple[str, int | None]:
         return "cpu", None
 
 
-def plan_for_this_machine(config: TrainConfig, models_dir: Path) -> MemoryPlan:
-    """The plan of `config` on the device this machine trains on, in the precision it will use
-    there (a CPU without bf16 trains in fp32)."""
+def plan_for_this_machine(config: TrainConfig, models_dir: Path, device_info=None) -> MemoryPlan:
+    """The plan of `config` on the device this machine trains on (`device_info`, a DeviceInfo,
+    where the app knows it: a ZeroGPU Space's card), in the precision it will use there (a CPU
+    without bf16 trains in fp32)."""
     from studio.training.trainer import cpu_precision
 
-    device, free = device_memory()
+    if device_info is not None and device_info.accelerator:
+        device, free = "cuda", device_info.free_bytes or device_info.total_bytes
+    else:
+        device, free = device_memory()
     if device == "cpu":
         config = config.model_copy(update={"mixed_precision": cpu_precision(config.mixed_precision)})
     family, folder = config_folder_for(config, models_dir)

@@ -168,6 +168,10 @@ def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) ->
                                      info="0: as the folders say")
         c["datasets_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40, elem_id="train-datasets-refresh")
     c["summary"] = gr.Markdown("Choose a dataset to see its images, buckets and steps.", elem_id="train-summary")
+    with gr.Row():
+        c["plan_button"] = gr.Button("Plan memory", scale=1, min_width=120, elem_id="train-plan-button")
+        c["plan"] = gr.Markdown("How much GPU memory (or RAM) this run needs, and what would lower it: nothing is "
+                                "loaded to tell.", elem_id="train-plan")
     with gr.Accordion("Buckets", open=False):
         c["buckets"] = gr.Dataframe(headers=["resolution", "bucket", "images", "with repeats"], interactive=False,
                                     max_height=240)

@@ -137,6 +137,21 @@ def on_summary(ctx: AppContext, *values):
     return view.summary_markdown(summary, config), summary.buckets
 
 
+def on_plan(ctx: AppContext, *values) -> str:
+    """The form's run as a memory plan on this machine's training device."""
+    from studio.training.memory_plan import plan_for_this_machine
+
+    try:
+        config = config_models_inside(ctx, _config(ctx, values))
+        plan = plan_for_this_machine(config, ctx.settings.models_dir, ctx.manager.device)
+    except StudioError as exc:
+        return f"⚠ {exc}"
+    verdict = {True: "✅ fits", False: "⚠ does not fit", None: ""}[plan.fits]
+    lines = [f"**{verdict}** {plan.summary()}".strip(), f"{plan.details()}"]
+    lines += [f"note: {note}" for note in plan.notes]
+    return "  \n".join(lines)
+
+
 def on_save_preset(ctx: AppContext, name: str, *values):
     try:
         path = form.save_preset(as_dict(form.TRAIN_FIELDS, values), ctx.settings, name)
@@ -516,6 +531,8 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
                                               "validation_images", "pretrained_model")]
     gr.on(summary_triggers, partial(on_summary, ctx), inputs=inputs, outputs=[c["summary"], c["buckets"]],
           api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+    c["plan_button"].click(partial(on_plan, ctx), inputs=inputs, outputs=c["plan"], api_visibility="private",
+                           concurrency_id="memory-plan", concurrency_limit=1)
     c["preset_save"].click(partial(on_save_preset, ctx), inputs=[c["preset_name"], *inputs], outputs=f["preset"],
                            api_visibility="private")
     c["start"].click(errors_in_status(partial(on_start, ctx), 2, 1), inputs=inputs, outputs=[c["run"], c["status"]],
