@@ -93,7 +93,7 @@ def test_a_kohya_ss_gui_config_maps_onto_train_config(tmp_path):
         "optimizer_args": {"betas": [0.9, 0.99]}, "max_grad_norm": 1.0, "train_batch_size": 2,
         "gradient_accumulation_steps": 1, "max_train_epochs": 10, "lr_scheduler": "cosine",
         "lr_warmup_steps": 25, "output_name": "miku_xl", "save_every_n_epochs": 2, "save_every_n_steps": 0,
-        "seed": 1234, "mixed_precision": "bf16", "gradient_checkpointing": True, "noise_offset": 0.0357,
+        "seed": 1234, "mixed_precision": "bf16", "gradient_checkpointing": True, "fp8_base": False, "noise_offset": 0.0357,
         "min_snr_gamma": 5.0, "sample_every_n_steps": 200, "sample_prompts": ["1girl, hatsune miku, smile"],
     }
     # everything set that the studio does not use, with its value; GUI defaults and speed knobs are not noise

@@ -61,16 +61,31 @@ def test_full_size_sdxl_parts_and_scaling():
     assert uncached.parts["weights"] > plan.parts["weights"] + 1.5 * GB  # text encoders + the fp32 VAE
 
 
-def test_a_run_that_does_not_fit_is_told_what_would_make_it_fit():
+def test_a_run_that_does_not_fit_is_told_what_would_make_it_fit(demo_models_dir):
+    from studio.training.memory_plan import config_folder_for
+
+    run = config(pretrained_model="demo-sdxl", gradient_checkpointing=False, cache_text_encoder_outputs=False)
+    family, folder = config_folder_for(run, demo_models_dir)
+    roomy = plan_training(run, family, folder, device="cuda", free_bytes=80 * GB)
+    assert roomy.fits and roomy.advice == [] and roomy.summary().endswith("you have 80.0 GB free")
+    tight = int(roomy.total - roomy.parts["activations"] / 2)  # the checkpointing saving makes it fit
+    plan = plan_training(run, family, folder, device="cuda", free_bytes=tight)
+    assert plan.fits is False
+    assert plan.advice[0][0] == "turn on gradient checkpointing", plan.advice
+    assert plan.summary().startswith(f"needs ~{plan.total / GB:.1f} GB of VRAM, you have {tight / GB:.1f} GB free: "
+                                     "turn on gradient checkpointing (-")
+
+
+@pytest.mark.slow
+@pytest.mark.full_size
+def test_a_full_size_run_on_an_8_gb_card_is_told_each_saving():
     plan = plan_training(config(gradient_checkpointing=False, cache_text_encoder_outputs=False), "sdxl", None,
                          device="cuda", free_bytes=8 * GB)
     assert plan.fits is False
-    assert plan.advice[0][0] == "turn on gradient checkpointing" and plan.advice[0][1] > 5 * GB
-    assert "cache the text encoder outputs" in [label for label, _ in plan.advice]
-    summary = plan.summary()
-    assert summary.startswith(f"needs ~{plan.total / GB:.1f} GB of VRAM, you have 8.0 GB free: turn on gradient")
-    roomy = plan_training(config(), "sdxl", None, device="cuda", free_bytes=80 * GB)
-    assert roomy.fits and roomy.advice == [] and roomy.summary().endswith("you have 80.0 GB free")
+    saved = dict(plan.advice)
+    assert plan.advice[0][0] == "turn on gradient checkpointing" and saved["turn on gradient checkpointing"] > 5 * GB
+    assert saved["cache the text encoder outputs"] == pytest.approx((123_060_480 + 694_659_840) * 2, rel=0.01)
+    assert saved["store the base model in fp8 (fp8_base)"] == pytest.approx(2_567_463_684, rel=0.01)
 
 
 @pytest.mark.slow

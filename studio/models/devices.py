@@ -20,10 +20,24 @@ class DeviceInfo:
         return self.execution_device != "cpu"
 
 
+def enable_tf32() -> bool:
+    """TF32 for float32 matmuls and convolutions on Ampere and newer cards (what kohya and
+    diffusers' training scripts turn on): up to 8x faster fp32 math at bf16-like mantissa, which
+    only the float32 parts of a run use (the VAE, the fp32 network). True when turned on."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def probe_devices() -> DeviceInfo:
     import torch
 
     if torch.cuda.is_available():
+        enable_tf32()
         free, total = torch.cuda.mem_get_info(0)
         return DeviceInfo("cuda:0", torch.cuda.get_device_name(0), total, free, torch.cuda.is_bf16_supported())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

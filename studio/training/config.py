@@ -101,6 +101,10 @@ class TrainConfig(_Config):
     min_snr_gamma: float | None = Field(None, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = False
+    # kohya's fp8_base: the frozen denoiser stored in float8 (e4m3), each layer cast up to the
+    # compute dtype as it runs (diffusers' layerwise casting); the network stays fp32. Saves about
+    # half the base weights' memory; best with gradient checkpointing.
+    fp8_base: bool = False
     seed: int = Field(42, ge=0, le=2**32 - 1)
     # -- outputs --------------------------------------------------------------------------------
     output_name: str = Field("lora", min_length=1, pattern=r"^[\w.\- ]+$")

@@ -613,6 +613,8 @@ def _outputs(read: _Reader, values: dict) -> None:
         values["mixed_precision"] = precision
     if (flag := read.flag("gradient_checkpointing")) is not None:
         values["gradient_checkpointing"] = flag
+    if (flag := read.flag("fp8_base")) is not None:
+        values["fp8_base"] = flag
     _noise(read, values)
     read.ignore("resume", "resume: continue a studio run with --resume RUN_DIR")
     read.ignore("output_dir", "output_dir: the studio writes each run to its own folder (--output-dir)")

@@ -277,7 +277,8 @@ def _plan(config: TrainConfig, counts: _Measure, device: str, free_bytes: int | 
         if on_gpu and ((is_vae and config.cache_latents) or
                        (is_text and config.cache_text_encoder_outputs and not config.train_text_encoder)):
             continue  # parked in RAM once its outputs are cached
-        frozen += parameters * (4 if is_vae else itemsize)
+        denoiser = not (is_vae or is_text or name == "text_conditioner")
+        frozen += parameters * (4 if is_vae else 1 if denoiser and config.fp8_base else itemsize)
     scale = config.train_batch_size / counts.batch * itemsize / counts.itemsize
     activations = int(counts.activations.total(config.gradient_checkpointing) * scale)
     optimizer = OPTIMIZER_STATE_BYTES.get(config.optimizer_type, 8)
@@ -288,6 +289,9 @@ def _plan(config: TrainConfig, counts: _Measure, device: str, free_bytes: int | 
         plan.notes.append("the VAE encodes each batch on the device: its own peak comes on top at large sizes")
     if config.train_text_encoder:
         plan.notes.append("text-encoder activations are not counted")
+    if config.fp8_base and not config.gradient_checkpointing:
+        plan.notes.append("fp8 base without gradient checkpointing: each layer's upcast weights are kept for the "
+                          "backward pass, which takes back much of the saving")
     return plan
 
 
@@ -315,6 +319,8 @@ def _advice(config: TrainConfig, counts: _Measure, plan: MemoryPlan) -> list:
         options.append(("cache latents", {"cache_latents": True}))
     if config.train_batch_size > 1:
         options.append(("use batch size 1 (with gradient accumulation)", {"train_batch_size": 1}))
+    if not config.fp8_base:
+        options.append(("store the base model in fp8 (fp8_base)", {"fp8_base": True}))
     if config.mixed_precision == "no":
         options.append(("train in bf16", {"mixed_precision": "bf16"}))
     advice = []

@@ -53,6 +53,10 @@ def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
+    if cuda:
+        from studio.models.devices import enable_tf32
+
+        enable_tf32()
     precision = config.mixed_precision if cuda else cpu_precision(config.mixed_precision)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
