@@ -20,8 +20,9 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 from studio.errors import BusyError, ConfigError, StudioError
 from studio.fileio import atomic_write_text
@@ -57,7 +58,7 @@ class QueueState:
 class RunQueue:
     """The queue file of one workspace."""
 
-    _locks: dict[Path, threading.Lock] = {}
+    _locks: ClassVar[dict[Path, threading.Lock]] = {}
     _locks_guard = threading.Lock()
 
     def __init__(self, workspace: Path):
@@ -93,7 +94,7 @@ class RunQueue:
     def add(self, config, name: str | None = None) -> QueueEntry:
         """Queue a validated TrainConfig; returns its entry (its position is its place in `entries`)."""
         entry = QueueEntry(uuid.uuid4().hex[:8], name or config.output_name, config.model_dump(mode="json"),
-                           added=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                           added=datetime.now(UTC).isoformat(timespec="seconds"))
         with self.editing() as state:
             if sum(1 for e in state.entries if e.state not in ENDED) >= MAX_ENTRIES:
                 raise ConfigError(f"the queue holds {MAX_ENTRIES} runs already: let some finish or cancel them")
