@@ -189,3 +189,25 @@ def test_comfyui_diffusion_models_folder_is_listed(tmp_path):
         (comfy / name).parent.mkdir(parents=True, exist_ok=True)
         (comfy / name).write_bytes(b"")
     assert [label for label, _ in model_files([comfy], "checkpoint")] == ["anima-base-v1.0.safetensors · ComfyUI"]
+
+
+def test_companions_are_never_looked_for_above_the_dits_own_folder(demo, tmp_path):
+    """A DiT outside ComfyUI's model folders finds its companions beside it only: files one level
+    up (outside the folder the request was allowed into) or linked in from elsewhere are not used."""
+    import shutil
+
+    models, pipe = demo
+    write_comfy_anima(pipe, tmp_path / "elsewhere")
+    allowed = tmp_path / "workspace"
+    allowed.mkdir()
+    dit = allowed / "anima.safetensors"
+    shutil.move(tmp_path / "elsewhere" / "diffusion_models" / "anima-demo.safetensors", dit)
+    shutil.move(tmp_path / "elsewhere" / "text_encoders", tmp_path / "text_encoders")  # above the folder
+    (allowed / "qwen_image_vae.safetensors").symlink_to(tmp_path / "elsewhere" / "vae" / "qwen_image_vae.safetensors")
+    with pytest.raises(ModelNotFoundError, match="Qwen3 text encoder .* and the Qwen-Image VAE"):
+        load(dit, models)
+    shutil.move(tmp_path / "text_encoders" / "qwen_3_06b_base.safetensors", allowed / "qwen_3_06b_base.safetensors")
+    shutil.move(tmp_path / "elsewhere" / "vae" / "qwen_image_vae.safetensors", tmp_path / "vae.safetensors")
+    (allowed / "qwen_image_vae.safetensors").unlink()
+    shutil.copy(tmp_path / "vae.safetensors", allowed / "qwen_image_vae.safetensors")
+    assert_same_weights(pipe, load(dit, models).model)

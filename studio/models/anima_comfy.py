@@ -51,11 +51,21 @@ class AnimaFiles:
     vae: Path
 
 
+DIT_FOLDERS = ("diffusion_models", "unet", "checkpoints")  # ComfyUI's folders a DiT file sits in
+
+
+def models_root(dit: Path) -> Path:
+    """The folder the companions are looked for in: ComfyUI's `models/` when the DiT sits in one
+    of its model folders, else the DiT's own folder (never above it)."""
+    return dit.parent.parent if dit.parent.name in DIT_FOLDERS else dit.parent
+
+
 def _companion(dit: Path, folders: tuple[str, ...], patterns: tuple[str, ...]) -> Path | None:
     """A file beside the DiT, or in ComfyUI's sibling folder for it (`../text_encoders`, `../vae`),
-    found by ComfyUI's file names; only files inside that models folder count."""
-    root = dit.parent.parent
-    places = [dit.parent, *(root / name for name in folders)]
+    found by ComfyUI's file names; only files inside that models folder count (a link out of it
+    does not)."""
+    root = models_root(dit)
+    places = list(dict.fromkeys([dit.parent, *(root / name for name in folders)]))
     for pattern in patterns:
         for place in places:
             for candidate in sorted(place.glob(pattern)) if place.is_dir() else []:
@@ -75,7 +85,7 @@ def find_files(dit: Path, vae: str | None = None) -> AnimaFiles:
     if vae_file is None:
         missing.append("the Qwen-Image VAE (qwen_image_vae.safetensors)")
     if missing:
-        root = dit.parent.parent
+        root = models_root(dit)
         raise ModelNotFoundError(
             f"{dit.name} is Anima's diffusion model in ComfyUI's layout; loading it also needs "
             f"{' and '.join(missing)}, looked for beside it and in {root / 'text_encoders'} / {root / 'vae'}, "
