@@ -212,7 +212,7 @@ class AnimaTrainingModel:
         return torch.tensor([timestep / 1000.0], device=self.device, dtype=torch.float32)
 
     def predict(self, noisy, sigmas, text, transformer=None):
-        transformer = transformer or self.transformer
+        transformer = transformer if transformer is not None else self.transformer
         height, width = noisy.shape[-2] * VAE_SCALE, noisy.shape[-1] * VAE_SCALE
         padding_mask = noisy.new_zeros(1, 1, height, width)
         return transformer(hidden_states=noisy, timestep=sigmas.to(noisy.dtype), encoder_hidden_states=text,

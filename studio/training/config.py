@@ -105,6 +105,9 @@ class TrainConfig(_Config):
     # compute dtype as it runs (diffusers' layerwise casting); the network stays fp32. Saves about
     # half the base weights' memory; best with gradient checkpointing.
     fp8_base: bool = False
+    # torch.compile the denoiser (TorchInductor): faster steps on a GPU once compiled; the first
+    # step(s) take minutes while it compiles, which the run log reports
+    torch_compile: bool = False
     seed: int = Field(42, ge=0, le=2**32 - 1)
     # -- outputs --------------------------------------------------------------------------------
     output_name: str = Field("lora", min_length=1, pattern=r"^[\w.\- ]+$")

@@ -206,7 +206,7 @@ class SDXLTrainingModel:
         return {}
 
     def predict(self, noisy, timesteps, text, pooled, time_ids, unet=None):
-        unet = unet or self.unet
+        unet = unet if unet is not None else self.unet
         return unet(noisy, timesteps, encoder_hidden_states=text,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 

@@ -213,6 +213,8 @@ def train(
     optimizer, scheduler = _optimizer_and_schedule(config, groups, plan)
     prepared = accelerator.prepare(*model.trainable_modules(), optimizer)
     unet, optimizer = prepared[0], prepared[-1]
+    if config.torch_compile:
+        unet = torch.compile(unet)  # compiled at the first step; the run log says how long it took
     model.use_prepared(list(prepared[1:-1]))
     trainable = [p for g in groups for p in g["params"]]
 
@@ -241,6 +243,7 @@ def train(
 
     # 6. The loop: one optimizer step = gradient_accumulation_steps micro-batches.
     started, start_step = time.monotonic(), step
+    compile_times: list[float] = []  # seconds of the first two steps, when torch.compile is on
     status, message = "done", ""
     while step < plan.total_steps:
         step_losses = []
@@ -276,6 +279,12 @@ def train(
         losses.append(loss_value)
         elapsed = time.monotonic() - started
         rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        if config.torch_compile and step - start_step in (1, 2):
+            compile_times.append(elapsed - sum(compile_times))
+            if len(compile_times) == 2 or step == plan.total_steps:
+                after = f"; the next step took {compile_times[1]:.1f} s" if len(compile_times) == 2 else ""
+                log.emit("message", step, epoch, text=f"torch.compile warm-up: the first step took "
+                         f"{compile_times[0]:.1f} s (compiling){after}", compile_seconds=compile_times[0])
         if step % config.log_every_n_steps == 0 or step == plan.total_steps:
             log.emit("step", step, epoch, loss=loss_value, smoothed=sum(losses) / len(losses),
                      lr=scheduler.get_last_lr()[0], it_s=rate,
