@@ -615,6 +615,8 @@ def _outputs(read: _Reader, values: dict) -> None:
         values["gradient_checkpointing"] = flag
     if (flag := read.flag("fp8_base")) is not None:
         values["fp8_base"] = flag
+    if (flag := read.flag("torch_compile")) is not None:
+        values["torch_compile"] = flag
     _noise(read, values)
     read.ignore("resume", "resume: continue a studio run with --resume RUN_DIR")
     read.ignore("output_dir", "output_dir: the studio writes each run to its own folder (--output-dir)")

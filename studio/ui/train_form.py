@@ -28,8 +28,8 @@ TRAIN_FIELDS: tuple[str, ...] = (
     # advanced
     "network_type", "network_target", "optimizer_type", "lr_scheduler", "lr_warmup_steps",
     "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "weight_decay", "gradient_accumulation_steps",
-    "noise_offset", "min_snr_gamma", "mixed_precision", "gradient_checkpointing", "fp8_base", "cache_latents",
-    "cache_text_encoder_outputs", "flip_aug", "max_token_length", "caption_scheme",
+    "noise_offset", "min_snr_gamma", "mixed_precision", "gradient_checkpointing", "fp8_base", "torch_compile",
+    "cache_latents", "cache_text_encoder_outputs", "flip_aug", "max_token_length", "caption_scheme",
     *(f"mixed_{key}" for key in MIXED_KEYS),
     "validation_images", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "save_last_n",
     "sample_prompts", "sample_every_n_steps", "sample_steps", "sample_size", "seed",
@@ -39,7 +39,7 @@ PRESET_FIELDS = tuple(n for n in TRAIN_FIELDS if n not in ("datasets", "num_repe
 _TEXT_FIELDS = ("resolution", "sample_prompts", "sample_size")
 _PLAIN_FIELDS = {"pretrained_model", "output_name", "network_type", "network_target", "optimizer_type", "lr_scheduler",
                  "mixed_precision", "caption_scheme", "shuffle_caption", "gradient_checkpointing", "fp8_base",
-                 "cache_latents", "cache_text_encoder_outputs", "flip_aug"}
+                 "torch_compile", "cache_latents", "cache_text_encoder_outputs", "flip_aug"}
 _FLOAT_FIELDS = {"network_alpha", "learning_rate", "caption_tag_dropout_rate", "lr_cycle_decay", "min_lr_ratio",
                  "weight_decay", "noise_offset", "min_snr_gamma", *(f"mixed_{k}" for k in MIXED_KEYS[:5])}
 
@@ -231,6 +231,8 @@ def build_advanced(f: dict, c: dict, d: dict) -> None:
     with gr.Row():
         f["gradient_checkpointing"] = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
         f["fp8_base"] = gr.Checkbox(d["fp8_base"], label="fp8 base", info="the frozen model in float8: less memory")
+        f["torch_compile"] = gr.Checkbox(d["torch_compile"], label="torch.compile",
+                                         info="faster GPU steps after minutes of compiling")
         f["cache_latents"] = gr.Checkbox(d["cache_latents"], label="Cache latents")
         f["cache_text_encoder_outputs"] = gr.Checkbox(d["cache_text_encoder_outputs"], label="Cache text encoder")
         f["flip_aug"] = gr.Checkbox(d["flip_aug"], label="Flip images")
