@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="animagine-xl-3.1",
                      help="catalog name (animagine-xl-3.1, demo-sdxl), hub repo id, diffusers folder or .safetensors")
     gen.add_argument("--vae", help="separate VAE (folder, .safetensors or repo id), e.g. an fp16-fix VAE")
+    gen.add_argument("--plan", action="store_true",
+                     help="print the memory this generation needs (weights by VRAM policy, the denoiser's and the "
+                          "VAE decode's peak) and exit: nothing is loaded")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="", help="negative prompt (the model's default one is merged in)")
     gen.add_argument("--steps", type=int)
@@ -299,6 +302,20 @@ def run_generate(args: argparse.Namespace) -> int:
     form["loras"] = [{**lora, "path": paths.file(lora["path"], [args.workspace / "loras"], "LoRA")}
                      for lora in form["loras"]]
     config = config_from_form(form, manager, default_model=form["model"])
+    if args.plan:
+        from studio.models.vram import pick_dtype
+        from studio.training.memory_plan import model_configs, plan_generation
+
+        device = manager.device
+        family, folder = model_configs(config.model, args.workspace / "models")
+        policy = args.vram if args.vram in ("high", "normal", "low") else "high"
+        plan = plan_generation(family, folder, config.width, config.height, config.batch_size, policy=policy,
+                               device="cuda" if device.accelerator else "cpu",
+                               free_bytes=device.free_bytes if device.accelerator else None,
+                               dtype_bytes=pick_dtype(device).itemsize)
+        print(f"{config.width}x{config.height}, batch {config.batch_size}, {policy} policy: {plan.summary()}")
+        print(f"  {plan.details()}")
+        return 0
     out = args.out or args.workspace / "outputs"
     with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {desc}", dynamic_ncols=True) as bar:
 

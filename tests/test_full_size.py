@@ -203,7 +203,16 @@ def test_full_size_sdxl(tmp_path):
     # the training sample's settings (sample_seed, Euler a, CFG 6), without the LoRA
     as_sample = {"seed": 1234, "sampler": "Euler a", "cfg_scale": 6.0,
                  "style": {"quality_tags": False, "default_negative": False}}
-    base = timed_generate(manager, tmp_path / "out", report, "generate_folder", model=str(folder), **as_sample)
+    from studio.training.memory_plan import plan_generation
+
+    plan = plan_generation("sdxl", folder, SIZE, SIZE, policy="high", device="cpu", dtype_bytes=2)
+    gc.collect()
+    with RssPeak() as rss:
+        base = timed_generate(manager, tmp_path / "out", report, "generate_folder", model=str(folder), **as_sample)
+    report.record("generate_plan_gb", plan.total / 1024**3)
+    report.record("generate_measured_gb", rss.peak_delta / 1024**3)
+    report.record("generate_plan_error", plan.total / rss.peak_delta - 1)
+    assert abs(plan.total / rss.peak_delta - 1) < 0.3, "the generation plan is near the measured peak"
     assert pixels(base.path).std() > 1
     manager.unload()
     single_image = timed_generate(manager, tmp_path / "out", report, "generate_single_file", model=str(single),

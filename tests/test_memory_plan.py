@@ -108,3 +108,26 @@ def test_the_cli_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert " needs ~" in first and "GB free" in first
     assert "weights" in out and "activations" in out
     assert not (tmp_path / "ws" / "runs").exists()
+
+
+def test_a_generation_plan_counts_weights_by_policy_and_the_working_peak(demo_models_dir):
+    from studio.training.memory_plan import model_configs, plan_generation
+
+    family, folder = model_configs("demo-sdxl", demo_models_dir)
+    high = plan_generation(family, folder, 256, 256, policy="high", free_bytes=80 * GB)
+    normal = plan_generation(family, folder, 256, 256, policy="normal")
+    assert high.fits and high.parts["weights"] > normal.parts["weights"] > 0
+    big = plan_generation(family, folder, 512, 512, policy="high")
+    assert big.parts["working"] > 3 * high.parts["working"] > 0, "4x the pixels, about 4x the working memory"
+    tight = plan_generation(family, folder, 256, 256, policy="high", free_bytes=high.total - 1)
+    assert tight.fits is False and tight.advice[0][0] == "use the normal VRAM policy"
+
+
+def test_the_cli_prints_a_generation_plan(tmp_path, capsys):
+    from studio.__main__ import main
+
+    code = main(["generate", "--model", "demo-sdxl", "--prompt", "1girl", "--width", "512", "--height", "512",
+                 "--workspace", str(tmp_path / "ws"), "--plan"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("512x512, batch 1, high policy: needs ~") and "working" in out
+    assert not (tmp_path / "ws" / "outputs").exists()

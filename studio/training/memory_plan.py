@@ -332,12 +332,18 @@ def _advice(config: TrainConfig, counts: _Measure, plan: MemoryPlan) -> list:
 
 
 def config_folder_for(config: TrainConfig, models_dir: Path) -> tuple[str, Path | None]:
-    """(family, diffusers folder whose configs describe the model; None for the real model's
-    configs). Looks at what is on disk only: nothing is downloaded."""
+    """(family, diffusers folder whose configs describe the run's model; None for the real
+    model's configs). Looks at what is on disk only: nothing is downloaded."""
+    return model_configs(config.pretrained_model, models_dir)
+
+
+def model_configs(reference: str, models_dir: Path) -> tuple[str, Path | None]:
+    """(family, diffusers folder whose configs describe the model `reference` names; None for the
+    real model's configs). Looks at what is on disk only: nothing is downloaded."""
     from studio.models.catalog import load_catalog, resolve_reference
     from studio.models.loaders import local_copy_of
 
-    source = resolve_reference(config.pretrained_model, load_catalog())
+    source = resolve_reference(reference, load_catalog())
     if source.kind == "folder":
         return source.family, Path(source.location)
     if source.kind == "demo":
@@ -396,3 +402,114 @@ def plan_for_this_machine(config: TrainConfig, models_dir: Path, device_info=Non
         config = config.model_copy(update={"mixed_precision": cpu_precision(config.mixed_precision)})
     family, folder = config_folder_for(config, models_dir)
     return plan_training(config, family, folder, device=device, free_bytes=free)
+
+
+# -- generation -------------------------------------------------------------------------------------
+class _LivePeak:
+    """Follows the bytes of live tensors while meta ops run (new outputs added, freed ones taken
+    away as Python drops them) and keeps the peak: what an inference pass holds at its worst."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live = self.peak = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch
+
+                out = func(*args, **(kwargs or {}))
+                for tensor in (out if isinstance(out, (list, tuple)) else [out]):
+                    if isinstance(tensor, torch.Tensor) and tensor._base is None:
+                        size = tensor.numel() * tensor.element_size()
+                        tracker.live += size
+                        tracker.peak = max(tracker.peak, tracker.live)
+                        weakref.finalize(tensor, tracker._free, size)
+                return out
+
+        self.mode = Mode()
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def _inference_peak(run) -> int:
+    import torch
+
+    tracker = _LivePeak()
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _EfficientAttention()
+    try:
+        with torch.no_grad(), tracker.mode:
+            run()
+    finally:
+        functional.scaled_dot_product_attention = original
+    return tracker.peak
+
+
+def plan_generation(family: str, folder: Path | None, width: int, height: int, batch: int = 1, *,
+                    policy: str = "high", device: str = "cuda", free_bytes: int | None = None,
+                    dtype_bytes: int = 2) -> MemoryPlan:
+    """The memory one generation needs: the weights the VRAM policy keeps on the device (high: all;
+    normal: the largest component at a time; low: about a tenth of the denoiser), plus the larger
+    of the denoiser's peak (classifier-free guidance doubles the batch) and the VAE decode's."""
+    import torch
+
+    from studio.models.anima_compat import ensure_cosmos_resize
+    from studio.models.full_size import meta_components
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    components = meta_components(family, folder)
+    sizes = {name: sum(p.numel() for p in module.parameters()) * (4 if name == "vae" else dtype_bytes)
+             for name, module in components.items()}
+    denoiser_name = "unet" if family == "sdxl" else "transformer"
+    weights = {"high": sum(sizes.values()), "normal": max(sizes.values()),
+               "low": sizes[denoiser_name] // 10 + sizes["vae"]}[policy]
+    from studio.models.anima_compat import quiet_logger
+
+    with quiet_logger(CAST_LOGGER):
+        denoiser, vae = components[denoiser_name].to(dtype).eval(), components["vae"].eval()
+    meta, rows = torch.device("meta"), 2 * batch
+    if family == "sdxl":
+        config = denoiser.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        latents = torch.empty(rows, config.in_channels, height // 8, width // 8, device=meta, dtype=dtype)
+
+        def run_denoiser():
+            denoiser(latents, torch.zeros(rows, device=meta),
+                     encoder_hidden_states=torch.empty(rows, 77, config.cross_attention_dim, device=meta, dtype=dtype),
+                     added_cond_kwargs={"text_embeds": torch.empty(rows, pooled, device=meta, dtype=dtype),
+                                        "time_ids": torch.empty(rows, 6, device=meta, dtype=dtype)})
+
+        def run_vae():
+            vae.decode(torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device=meta))
+    else:
+        ensure_cosmos_resize()
+        from studio.training.anima import MAX_SEQUENCE_LENGTH
+
+        config = denoiser.config
+        latents = torch.empty(rows, config.in_channels, 1, height // 8, width // 8, device=meta, dtype=dtype)
+
+        def run_denoiser():
+            denoiser(hidden_states=latents, timestep=torch.zeros(rows, device=meta, dtype=dtype),
+                     encoder_hidden_states=torch.empty(rows, MAX_SEQUENCE_LENGTH, config.text_embed_dim, device=meta,
+                                                       dtype=dtype),
+                     padding_mask=latents.new_zeros(1, 1, height, width), return_dict=False)
+
+        def run_vae():
+            vae.decode(torch.empty(batch, vae.config.z_dim, 1, height // 8, width // 8, device=meta))
+    working = max(_inference_peak(run_denoiser), _inference_peak(run_vae))
+    workspace = WORKSPACE_BYTES["gpu" if device != "cpu" else "cpu"]
+    plan = MemoryPlan({"weights": weights, "working": working, "workspace": workspace}, device, free_bytes)
+    if plan.fits is False:
+        for other in ("normal", "low"):
+            saved = weights - {"normal": max(sizes.values()), "low": sizes[denoiser_name] // 10 + sizes["vae"]}[other]
+            if saved > 0 and (other == "normal" or not plan.advice):
+                plan.advice.append((f"use the {other} VRAM policy", saved))
+        if batch > 1:
+            plan.advice.append(("make one image per batch", working - working // batch))
+    return plan
