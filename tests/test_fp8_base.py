@@ -43,3 +43,18 @@ def test_fp8_base_stores_the_denoiser_in_float8_and_trains_alike(model, tmp_path
     assert fp8_seen["network"] == {torch.float32}
     assert all(abs(a - b) <= 0.1 * abs(a) + 0.02 for a, b in zip(plain, fp8_losses)), (plain, fp8_losses)
     assert plain != fp8_losses, "the float8 weights are really used"
+
+
+def test_fp8_base_with_gradient_checkpointing_trains_as_without(tmp_path, demo_models_dir):
+    """Checkpointing recomputes each block from float8-stored weights: the same losses (so the same
+    gradients reached the network) as the run that keeps its activations."""
+    dataset = make_dataset(tmp_path / "data")
+    runs = []
+    for checkpointing in (False, True):
+        config = fast_config(dataset, max_train_steps=3, fp8_base=True, gradient_checkpointing=checkpointing,
+                             train_batch_size=1)  # batch 1 once met a float8 weight in the backward pass
+        result = train(config, run_dir=tmp_path / f"run-{checkpointing}", models_dir=demo_models_dir,
+                       cache_dir=tmp_path / "c")
+        assert result.status == "done", result.message
+        runs.append(losses(result.run_dir))
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)

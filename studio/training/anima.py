@@ -105,7 +105,7 @@ class AnimaTrainingModel:
             self.text_encoder.train()
             groups.append({"params": trainable(self.text_encoder),
                            "lr": config.text_encoder_lr or config.learning_rate})
-        return finish_network(groups, self.transformer, config.gradient_checkpointing, config.fp8_base, self.weight_dtype)
+        return finish_network(groups, self.transformer, config.gradient_checkpointing, config.fp8_base)
 
     def trainable_modules(self) -> list:
         return [self.transformer, *([self.text_conditioner] if self.train_adapter else []),

@@ -102,8 +102,8 @@ class TrainConfig(_Config):
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = False
     # kohya's fp8_base: the frozen denoiser stored in float8 (e4m3), each layer cast up to the
-    # compute dtype as it runs (diffusers' layerwise casting); the network stays fp32. Saves about
-    # half the base weights' memory; best with gradient checkpointing.
+    # compute dtype as it runs (network.store_in_fp8); the network stays fp32. Saves about half the
+    # base weights' memory; best with gradient checkpointing.
     fp8_base: bool = False
     # torch.compile the denoiser (TorchInductor): faster steps on a GPU once compiled; the first
     # step(s) take minutes while it compiles, which the run log reports

@@ -80,7 +80,7 @@ class SDXLTrainingModel:
                 encoder.train()
             groups.append({"params": [p for e in self.text_encoders for p in trainable(e)],
                            "lr": config.text_encoder_lr or config.learning_rate})
-        return finish_network(groups, self.unet, config.gradient_checkpointing, config.fp8_base, self.weight_dtype)
+        return finish_network(groups, self.unet, config.gradient_checkpointing, config.fp8_base)
 
     def trainable_modules(self) -> list:
         return [self.unet, *(self.text_encoders if self.config.train_text_encoder else [])]
