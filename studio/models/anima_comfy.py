@@ -29,7 +29,7 @@ from pathlib import Path
 
 from studio.errors import ModelNotFoundError
 from studio.fileio import inside
-from studio.models.catalog import safetensors_keys
+from studio.models.catalog import safetensors_keys, safetensors_shape
 
 DIT_ANCHOR = "blocks.0.self_attn.q_proj.weight"
 TEXT_ENCODER_ANCHOR = "layers.0.self_attn.q_proj.weight"
@@ -170,7 +170,7 @@ def dit_size(dit: Path) -> tuple[int, int] | None:
     if prefix is None:
         return None
     blocks = {k.removeprefix(f"{prefix}blocks.").split(".")[0] for k in keys if k.startswith(f"{prefix}blocks.")}
-    shape = _tensor_shape(dit, f"{prefix}{DIT_ANCHOR}")
+    shape = safetensors_shape(dit, f"{prefix}{DIT_ANCHOR}")
     return (shape[0], len(blocks)) if shape else None
 
 
@@ -186,16 +186,6 @@ def config_fits(folder: Path, dit: Path) -> bool:
     except (OSError, ValueError):
         return False
     return dit_size(dit) == size_of_config(config)
-
-
-def _tensor_shape(path: Path, key: str) -> list[int] | None:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.get_slice(key).get_shape())
-    except (OSError, SafetensorError):  # an unreadable file: the loader reports it
-        return None
 
 
 def load_components(files: AnimaFiles, config_folder: Path, dtype) -> dict:

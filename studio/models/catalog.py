@@ -99,6 +99,18 @@ def safetensors_keys(path: Path) -> list[str]:
     return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
 
 
+def safetensors_shape(path: Path, key: str) -> list[int] | None:
+    """The shape of tensor `key` in a .safetensors file, read from its header; None when the file
+    cannot be read or has no such tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.get_slice(key).get_shape())
+    except (OSError, SafetensorError):
+        return None
+
+
 def family_of_checkpoint(path: Path, default: str) -> str:
     """"anima" for Anima's diffusion model in its original (ComfyUI) layout, else `default`."""
     keys = safetensors_keys(path)

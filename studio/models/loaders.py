@@ -158,12 +158,11 @@ def materialize(source: ModelSource, models_dir: Path, progress: Progress = _noo
 def _sgm_unet_signature(path: Path) -> tuple | None:
     """(first channels, input channels, class-embedding width, middle transformer depth) of an
     SGM single-file SDXL UNet, from its header."""
-    from studio.models.anima_comfy import _tensor_shape
-    from studio.models.catalog import safetensors_keys
+    from studio.models.catalog import safetensors_keys, safetensors_shape
 
     prefix = "model.diffusion_model."
-    conv_in = _tensor_shape(path, f"{prefix}input_blocks.0.0.weight")
-    label = _tensor_shape(path, f"{prefix}label_emb.0.0.weight")
+    conv_in = safetensors_shape(path, f"{prefix}input_blocks.0.0.weight")
+    label = safetensors_shape(path, f"{prefix}label_emb.0.0.weight")
     if not conv_in or not label:
         return None
     middle = f"{prefix}middle_block.1.transformer_blocks."
@@ -196,6 +195,14 @@ def sdxl_config_folder(path: Path, models_dir: Path) -> Path | None:
 ANIMA_CONFIG_ALLOW = ["modular_model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.jinja"]
 
 
+def local_anima_configs(dit: Path, models_dir: Path) -> Path | None:
+    """An Anima diffusers folder in the models cache whose DiT has the file's width and depth."""
+    from studio.models.anima_comfy import config_fits
+
+    folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+    return next((p for p in folders if family_of_folder(p, "") == "anima" and config_fits(p, dit)), None)
+
+
 def anima_config_folder(source: ModelSource, models_dir: Path, progress: Progress = _noop) -> Path:
     """Where the configs, tokenizers and scheduler for ComfyUI's Anima files come from: the
     source's own `config` (a folder or hub id), else an Anima diffusers folder in the models cache
@@ -209,15 +216,12 @@ def anima_config_folder(source: ModelSource, models_dir: Path, progress: Progres
         folder = Path(source.config)
         if not folder.is_dir():
             folder = download_from_hub(source.config, models_dir, progress)
-        candidates = [folder]
-    else:
-        candidates = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
-        candidates = [p for p in candidates if family_of_folder(p, "") == "anima"]
-    for folder in candidates:
         if config_fits(folder, dit):
             return folder
-    if source.config:
         raise ModelNotFoundError(f"{dit.name} does not have the shape of the Anima model in {source.config}")
+    local = local_anima_configs(dit, models_dir)
+    if local is not None:
+        return local
     from studio.models.anima_comfy import dit_size, size_of_config
     from studio.models.demo_anima import DEMO_DIT_SIZE, ensure_demo_anima
 

@@ -111,8 +111,8 @@ class _EfficientAttention:
                 return out
 
             @staticmethod
-            def backward(ctx, grad):  # pragma: no cover - the plan never runs backward
-                raise NotImplementedError
+            def backward(ctx, grad):  # pragma: no cover - the plan counts the forward pass only
+                return None, None, None
 
         self.function = Attention
 
@@ -353,11 +353,9 @@ def model_configs(reference: str, models_dir: Path) -> tuple[str, Path | None]:
         return source.family, Path(local.config or local.location)
     if source.kind == "single_file":
         if source.family == "anima":
-            from studio.models.anima_comfy import config_fits
+            from studio.models.loaders import local_anima_configs
 
-            found = [p for p in sorted(models_dir.iterdir()) if p.is_dir() and config_fits(p, Path(source.location))] \
-                if models_dir.is_dir() else []
-            return "anima", found[0] if found else None
+            return "anima", local_anima_configs(Path(source.location), models_dir)
         from studio.models.loaders import sdxl_config_folder
 
         return "sdxl", sdxl_config_folder(Path(source.location), models_dir)
