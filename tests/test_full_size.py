@@ -131,9 +131,11 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, report: Report, **train_fields):
+def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, report: Report, manager,
+                        generate_model: str, base, **train_fields):
     """2 LoRA steps through the trainer, a sample of the final step, then the saved file through
-    the Generate path with the sample's own settings: the images agree."""
+    the Generate path (`generate_model`) with the sample's own settings: the images agree, and
+    differ from `base` (the same settings without the LoRA)."""
     from studio.generation.infotext import parse_infotext, read_infotext
     from studio.models.lora_format import inspect_lora
     from studio.training.config import TrainConfig
@@ -174,7 +176,18 @@ def train_and_reproduce(model: str, family: str, tmp_path: Path, models: Path, r
     sample = result.run_dir / "samples" / "step000002-0.png"
     prompt, negative, params = parse_infotext(read_infotext(sample))
     gc.collect()
-    return lora, sample, prompt, negative, params
+
+    from studio.schemas import LoraSpec
+
+    again = timed_generate(manager, tmp_path / "out", report, "generate_with_lora", model=generate_model,
+                           prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
+                           sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
+                           style={"quality_tags": False, "default_negative": False},
+                           loras=[LoraSpec(path=str(lora), weight=1.0)])
+    difference = np.abs(pixels(again.path) - pixels(sample)).mean()
+    report.record("sample_vs_generate_mean_abs", float(difference))
+    assert difference < 4, "the reloaded LoRA makes the training sample's image"
+    assert np.abs(pixels(again.path) - pixels(base.path)).mean() > difference, "and the LoRA changed the image"
 
 
 @needs_bf16
@@ -221,18 +234,7 @@ def test_full_size_sdxl(tmp_path):
     manager.unload()
     gc.collect()
 
-    lora, sample, prompt, negative, params = train_and_reproduce(str(folder), "sdxl", tmp_path, models, report)
-    from studio.schemas import LoraSpec
-
-    again = timed_generate(manager, tmp_path / "out", report, "generate_with_lora", model=str(folder),
-                           prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
-                           style={"quality_tags": False, "default_negative": False},
-                           sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
-                           loras=[LoraSpec(path=str(lora), weight=1.0)])
-    difference = np.abs(pixels(again.path) - pixels(sample)).mean()
-    report.record("sample_vs_generate_mean_abs", float(difference))
-    assert difference < 4, "the reloaded LoRA makes the training sample's image"
-    assert np.abs(pixels(again.path) - pixels(base.path)).mean() > difference, "and the LoRA changed the image"
+    train_and_reproduce(str(folder), "sdxl", tmp_path, models, report, manager, str(folder), base)
     report.write()
 
 
@@ -272,16 +274,5 @@ def test_full_size_anima(tmp_path):
     manager.unload()
     gc.collect()
 
-    lora, sample, prompt, negative, params = train_and_reproduce(str(comfy), "anima", tmp_path, models, report)
-    from studio.schemas import LoraSpec
-
-    again = timed_generate(manager, tmp_path / "out", report, "generate_with_lora", model=str(comfy),
-                           prompt=prompt, negative_prompt=negative, seed=int(params["Seed"]),
-                           sampler=params["Sampler"], cfg_scale=float(params["CFG scale"]),
-                           style={"quality_tags": False, "default_negative": False},
-                           loras=[LoraSpec(path=str(lora), weight=1.0)])
-    difference = np.abs(pixels(again.path) - pixels(sample)).mean()
-    report.record("sample_vs_generate_mean_abs", float(difference))
-    assert difference < 4, "the reloaded LoRA makes the training sample's image"
-    assert np.abs(pixels(again.path) - pixels(base.path)).mean() > difference, "and the LoRA changed the image"
+    train_and_reproduce(str(comfy), "anima", tmp_path, models, report, manager, str(comfy), base)
     report.write()
