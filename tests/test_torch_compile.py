@@ -22,3 +22,21 @@ def test_a_compiled_run_gives_the_eager_losses_and_reports_its_warm_up(tmp_path,
     warm_up = [e for e in events[True] if e["kind"] == "message" and "torch.compile warm-up" in e.get("text", "")]
     assert len(warm_up) == 1 and warm_up[0]["compile_seconds"] > 0
     assert "the next step took" in warm_up[0]["text"]
+
+
+def test_a_server_strangers_reach_refuses_torch_compile(tmp_path):
+    """Compiling holds the GPU lane for minutes where Stop cannot reach: refused behind a share
+    link or a public address, allowed on the owner's local app."""
+    from studio.context import AppContext
+    from studio.errors import ConfigError
+    from studio.settings import Settings
+    from studio.ui.train_tab import config_models_inside
+
+    make_dataset(tmp_path / "ws" / "datasets" / "mine")
+    config = fast_config(tmp_path / "ws" / "datasets" / "mine", torch_compile=True)
+    for public in (Settings(workspace=tmp_path / "ws", demo=True, share=True),
+                   Settings(workspace=tmp_path / "ws", demo=True, host="0.0.0.0")):
+        with pytest.raises(ConfigError, match="torch_compile is for a machine you own"):
+            config_models_inside(AppContext.create(public), config)
+    local = AppContext.create(Settings(workspace=tmp_path / "ws", demo=True))
+    assert config_models_inside(local, config).torch_compile

@@ -163,9 +163,14 @@ def on_save_preset(ctx: AppContext, name: str, *values):
 
 # -- handlers: the job ----------------------------------------------------------------------------
 def config_models_inside(ctx: AppContext, config):
-    """The run's base model, VAE and datasets: catalog names, repo ids or paths inside the workspace."""
+    """The run's base model, VAE and datasets: catalog names, repo ids or paths inside the workspace.
+    On a server strangers reach, torch_compile is refused: its first step compiles for minutes on
+    the GPU lane, where Stop cannot end it."""
     from studio.paths import Resolver
 
+    if config.torch_compile and ctx.settings.reachable_by_strangers:
+        raise ConfigError("torch_compile is for a machine you own: compiling holds the GPU for minutes, past Stop, "
+                          "so it is off on a shared server (a Space, --share or a public --host)")
     return Resolver.for_settings(ctx.settings).train_config(config, ctx.manager.catalog)
 
 
