@@ -31,9 +31,7 @@ GB = 1024**3
 WORKSPACE_BYTES = {"gpu": int(0.75 * GB), "cpu": int(0.25 * GB)}
 # bytes of optimizer state per trainable parameter (fp32 weights)
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16, "Lion": 4}
-# the modules diffusers checkpoints, by family: their inputs stay, their insides are recomputed
-CAST_LOGGER = "diffusers.models.modeling_utils"
-CHECKPOINTED = {"sdxl": ("ResnetBlock2D", "Transformer2DModel"), "anima": ("CosmosTransformerBlock",)}
+CAST_LOGGER = "diffusers.models.modeling_utils"  # its "should be kept in float32" warnings
 
 
 @dataclass
@@ -182,7 +180,9 @@ def _meta_model(config: TrainConfig, family: str, folder: Path | None):
     from studio.models.full_size import meta_components
 
     components = meta_components(family, folder)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+    from studio.training.trainer import _weight_dtype
+
+    weight_dtype = _weight_dtype(config.mixed_precision)
     if family == "sdxl":
         from diffusers import EulerDiscreteScheduler
 
