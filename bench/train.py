@@ -300,15 +300,21 @@ def full_size_loader(config, models_dir, device, weight_dtype, report):
     return SDXLTrainingModel(pipe, config, device, weight_dtype), SimpleNamespace(name="sdxl-full-size", family="sdxl")
 
 
+def full_size_config(dataset: Path, args, batch: int, checkpointing: bool, cached: bool, optimizer: str,
+                     size: int = 1024, precision: str = "bf16", **overrides) -> TrainConfig:
+    """The TrainConfig of one full-size case (`args`: warmup and steps)."""
+    return bench_config(dataset, SimpleNamespace(resolution=size, batch=batch, warmup=args.warmup, steps=args.steps),
+                        pretrained_model="sdxl-full-size", mixed_precision=precision, optimizer_type=optimizer,
+                        gradient_checkpointing=checkpointing, cache_latents=cached,
+                        cache_text_encoder_outputs=cached, tensorboard=False, **overrides)
+
+
 def full_size_case(workdir: Path, dataset: Path, args, batch: int, checkpointing: bool, cached: bool,
                    optimizer: str, size: int = 1024, loader=full_size_loader, precision: str = "bf16") -> dict:
     """One configuration of the full-size matrix: the studio's train() on the random SDXL."""
     from studio.training import trainer
 
-    config = bench_config(dataset, SimpleNamespace(resolution=size, batch=batch, warmup=args.warmup, steps=args.steps),
-                          pretrained_model="sdxl-full-size", mixed_precision=precision, optimizer_type=optimizer,
-                          gradient_checkpointing=checkpointing, cache_latents=cached,
-                          cache_text_encoder_outputs=cached, tensorboard=False)
+    config = full_size_config(dataset, args, batch, checkpointing, cached, optimizer, size, precision)
     with mock.patch.object(trainer, "_load_model", loader):
         block = studio_block(config, workdir, workdir / "models", args.warmup)
     return {**block, "config": config, "seconds": statistics.median(block["times"])}

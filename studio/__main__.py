@@ -325,6 +325,8 @@ def run_generate(args: argparse.Namespace) -> int:
             bar.set_description_str(message)
 
         result = generate(manager, config, outputs_dir=out, default_model=config.model, report=report)
+    if result.memory_plan:
+        print(f"memory: {result.memory_plan}", file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for image in result.images:

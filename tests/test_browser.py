@@ -24,6 +24,7 @@ def test_type_prompt_click_generate_and_see_the_image(page, tmp_path):
     assert image.evaluate("img => img.complete && img.naturalWidth") > 0
     status = page.locator("#gen-status").inner_text()
     assert "Done: 1 image" in status
+    assert "memory: needs ~" in status, "each generation shows its memory plan"
     page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
 
 

@@ -131,3 +131,57 @@ def test_the_cli_prints_a_generation_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("512x512, batch 1, high policy: needs ~") and "working" in out
     assert not (tmp_path / "ws" / "outputs").exists()
+
+
+def test_every_generation_reports_the_plan_of_its_loaded_pipeline(demo_manager, tmp_path):
+    """generate() plans the pipeline it is about to run (weights as loaded, working memory of its
+    denoiser and VAE at the run's size): the same numbers as the plan from the model's folder, and
+    the result (the Generate tab's status, the CLI) carries it."""
+    import torch
+
+    from studio.generation.generate import generate, memory_plan_for
+    from studio.schemas import GenerateConfig
+    from studio.training.memory_plan import model_configs, plan_generation
+
+    config = GenerateConfig(model="demo-sdxl", prompt="1girl", width=256, height=256, steps=2, seed=1)
+    result = generate(demo_manager, config, outputs_dir=tmp_path, default_model="demo-sdxl")
+    assert result.memory_plan.startswith("needs ~") and "RAM" in result.memory_plan
+
+    record = demo_manager.get("demo-sdxl")
+    loaded = memory_plan_for(demo_manager, record, config)
+    dtype_bytes = record.model.unet.dtype.itemsize
+    family, folder = model_configs("demo-sdxl", demo_manager.models_dir)
+    from_folder = plan_generation(family, folder, 256, 256, policy="high", device="cpu", dtype_bytes=dtype_bytes)
+    assert record.model.vae.dtype == record.model.unet.dtype == {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    assert loaded.parts == from_folder.parts
+    assert result.memory_plan == loaded.summary()
+
+    hires = memory_plan_for(demo_manager, record, GenerateConfig(**{**config.model_dump(), "hires": {"scale": 2.0}}))
+    assert hires.parts["working"] > 3 * loaded.parts["working"], "the hires pass at 2x is what peaks"
+
+
+def test_a_generation_that_cannot_fit_the_card_is_warned_with_what_would_fit(demo_models_dir):
+    """On a card (a stand-in DeviceInfo: nothing runs) too small for the model as placed, the plan
+    names the lower VRAM policies; models other requests hold on the card count against it."""
+    from studio.generation.generate import memory_plan_for
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+    from studio.models.vram import VramPolicy
+    from studio.schemas import GenerateConfig
+
+    card = DeviceInfo("cuda:0", "Stand-in card", total_bytes=64 * 1024**3, free_bytes=64 * 1024**3, bf16=True)
+    manager = ModelManager(demo_models_dir, requested_policy="high", device=card)
+    record = manager.get("demo-sdxl")
+    assert record.policy is VramPolicy.HIGH
+    config = GenerateConfig(model="demo-sdxl", prompt="1girl", width=512, height=512)
+    roomy = memory_plan_for(manager, record, config)
+    assert roomy.fits and roomy.device == "cuda" and "VRAM, you have 64.0 GB free" in roomy.summary()
+
+    from studio.models.demo import ensure_demo_sdxl
+
+    other = manager.get(str(ensure_demo_sdxl(demo_models_dir).single_file))  # another request's model
+    other.locks, other.resident, other.policy = 1, True, VramPolicy.HIGH
+    other.size_bytes = 64 * 1024**3 - roomy.total + 1
+    tight = memory_plan_for(manager, record, config)
+    assert tight.fits is False and tight.free_bytes == roomy.total - 1
+    assert "use the normal VRAM policy" in tight.summary()

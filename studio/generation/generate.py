@@ -46,6 +46,7 @@ class GenerateResult:
     prompt: str
     negative_prompt: str
     warnings: list[str] = field(default_factory=list)
+    memory_plan: str = ""  # "needs ~9.1 GB of VRAM, you have 24.0 GB free"
 
 
 @dataclass
@@ -145,6 +146,10 @@ def generate(
     source = manager.resolve(config.model or default_model, vae=config.vae or None)
     config = config_for_family(config, source.family)
     record = manager.get(source, progress=report)
+    plan = memory_plan_for(manager, record, config)
+    plan_text = plan.summary() if plan else ""
+    if plan_text:
+        report(0.0, f"memory plan: {plan_text}")
 
     # 2. The final prompt: the user's tags plus the model's special tags and negative prompt.
     prompt, negative = family_prompt(config, record.source.family)
@@ -176,7 +181,27 @@ def generate(
                                      start=next_image_number(folder))
                 images.append(GeneratedImage(path, seed, text))
     report(1.0, f"done: {len(images)} image(s)")
-    return GenerateResult(images, record.source.name, prompt, negative, warnings)
+    if plan is not None and plan.fits is False:
+        warnings.insert(0, f"This generation {plan_text}.")
+    return GenerateResult(images, record.source.name, prompt, negative, warnings, plan_text)
+
+
+def memory_plan_for(manager: ModelManager, record, config: GenerateConfig):
+    """The memory this generation needs on the manager's device (a MemoryPlan), estimated from the
+    loaded pipeline under its VRAM policy at the largest size it will run (hires fix included);
+    None for a model family without a plan."""
+    from studio.training.memory_plan import plan_loaded_generation
+
+    family = record.source.family
+    if family not in ("sdxl", "anima"):
+        return None
+    width, height = config.width, config.height
+    if config.hires is not None:
+        width, height = (int(side * config.hires.scale) // 8 * 8 for side in (width, height))
+    device = manager.device
+    return plan_loaded_generation(record.model, family, width, height, config.batch_size,
+                                  policy=record.policy.value, device="cuda" if device.accelerator else "cpu",
+                                  free_bytes=manager.room_for(record))
 
 
 def config_from_form(form: dict, manager: ModelManager, default_model: str) -> GenerateConfig:

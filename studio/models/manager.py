@@ -197,6 +197,16 @@ class ModelManager:
             record.locks = max(0, record.locks - 1)
             record.last_used = time.monotonic()
 
+    def room_for(self, record: ModelRecord) -> int | None:
+        """The accelerator memory `record` can count on: the card's, less what other models in use
+        keep there (idle ones are evicted to make room). None on a CPU."""
+        if not self.device.accelerator or self.device.total_bytes is None:
+            return None
+        with self._books:
+            held = sum(r.size_bytes for r in self._records.values()
+                       if r is not record and r.locked and r.resident and r.policy is VramPolicy.HIGH)
+        return self.device.total_bytes - held
+
     def _vram_budget(self) -> int | None:
         total = self.device.total_bytes
         return None if total is None else total - WORKING_BYTES

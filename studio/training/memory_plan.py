@@ -457,20 +457,67 @@ def plan_generation(family: str, folder: Path | None, width: int, height: int, b
     of the denoiser's peak (classifier-free guidance doubles the batch) and the VAE decode's."""
     import torch
 
-    from studio.models.anima_compat import ensure_cosmos_resize
+    from studio.models.anima_compat import quiet_logger
     from studio.models.full_size import meta_components
 
     dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
     components = meta_components(family, folder)
-    sizes = {name: sum(p.numel() for p in module.parameters()) * (4 if name == "vae" else dtype_bytes)
-             for name, module in components.items()}
+    # every component's parameters in the one dtype, as the studio's loaders load a pipeline
+    sizes = {name: sum(p.numel() for p in module.parameters()) * dtype_bytes
+             + sum(b.numel() * b.element_size() for b in module.buffers()) for name, module in components.items()}
     denoiser_name = "unet" if family == "sdxl" else "transformer"
-    weights = {"high": sum(sizes.values()), "normal": max(sizes.values()),
-               "low": sizes[denoiser_name] // 10 + sizes["vae"]}[policy]
-    from studio.models.anima_compat import quiet_logger
+    with quiet_logger(CAST_LOGGER):
+        vae = components["vae"].to(dtype)
+    working = _generation_working(family, components[denoiser_name], vae, width, height, batch, dtype)
+    return _generation_plan(sizes, denoiser_name, working, batch, policy, device, free_bytes)
+
+
+def plan_loaded_generation(pipe, family: str, width: int, height: int, batch: int = 1, *, policy: str = "high",
+                           device: str = "cuda", free_bytes: int | None = None) -> MemoryPlan:
+    """The same plan for a pipeline already in memory: its weights as they are (their dtypes, any
+    LoRA), and the working memory of meta copies of its denoiser and VAE (cached per shape)."""
+    import json
+
+    import torch
+
+    sizes = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            tensors = list(module.parameters()) + list(module.buffers())
+            sizes[name] = sum(t.numel() * t.element_size() for t in tensors)
+    denoiser_name = "unet" if family == "sdxl" else "transformer"
+    denoiser, vae = pipe.components[denoiser_name], pipe.components["vae"]
+    key = (family, type(denoiser).__name__, json.dumps(dict(denoiser.config), sort_keys=True, default=str),
+           type(vae).__name__, json.dumps(dict(vae.config), sort_keys=True, default=str), width, height, batch,
+           str(denoiser.dtype), str(vae.dtype))
+    working = _LOADED_WORKING.get(key)
+    if working is None:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=True):
+            meta_denoiser = type(denoiser).from_config(denoiser.config)
+            meta_vae = type(vae).from_config(vae.config)
+        meta_vae.to(vae.dtype)
+        working = _generation_working(family, meta_denoiser, meta_vae, width, height, batch, denoiser.dtype)
+        if len(_LOADED_WORKING) >= 64:
+            _LOADED_WORKING.clear()
+        _LOADED_WORKING[key] = working
+    return _generation_plan(sizes, denoiser_name, working, batch, policy, device, free_bytes)
+
+
+_LOADED_WORKING: dict[tuple, int] = {}  # plan_loaded_generation's meta passes, per model config and shape
+
+
+def _generation_working(family: str, denoiser, vae, width: int, height: int, batch: int, dtype) -> int:
+    """Peak bytes of live tensors in one denoiser call (batch doubled for CFG) or one VAE decode,
+    whichever is larger, run on meta modules."""
+    import torch
+
+    from studio.models.anima_compat import ensure_cosmos_resize, quiet_logger
 
     with quiet_logger(CAST_LOGGER):
-        denoiser, vae = components[denoiser_name].to(dtype).eval(), components["vae"].eval()
+        denoiser, vae = denoiser.to(dtype).eval(), vae.eval()
+    vae_dtype = next(vae.parameters()).dtype
     meta, rows = torch.device("meta"), 2 * batch
     if family == "sdxl":
         config = denoiser.config
@@ -484,7 +531,8 @@ def plan_generation(family: str, folder: Path | None, width: int, height: int, b
                                         "time_ids": torch.empty(rows, 6, device=meta, dtype=dtype)})
 
         def run_vae():
-            vae.decode(torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device=meta))
+            vae.decode(torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device=meta,
+                                   dtype=vae_dtype))
     else:
         ensure_cosmos_resize()
         from studio.training.anima import MAX_SEQUENCE_LENGTH
@@ -499,13 +547,22 @@ def plan_generation(family: str, folder: Path | None, width: int, height: int, b
                      padding_mask=latents.new_zeros(1, 1, height, width), return_dict=False)
 
         def run_vae():
-            vae.decode(torch.empty(batch, vae.config.z_dim, 1, height // 8, width // 8, device=meta))
-    working = max(_inference_peak(run_denoiser), _inference_peak(run_vae))
+            vae.decode(torch.empty(batch, vae.config.z_dim, 1, height // 8, width // 8, device=meta, dtype=vae_dtype))
+    return max(_inference_peak(run_denoiser), _inference_peak(run_vae))
+
+
+def _generation_plan(sizes: dict[str, int], denoiser_name: str, working: int, batch: int, policy: str, device: str,
+                     free_bytes: int | None) -> MemoryPlan:
+    def weights_under(name: str) -> int:
+        return {"high": sum(sizes.values()), "cpu": sum(sizes.values()), "normal": max(sizes.values()),
+                "low": sizes[denoiser_name] // 10 + sizes.get("vae", 0)}[name]
+
+    weights = weights_under(policy)
     workspace = WORKSPACE_BYTES["gpu" if device != "cpu" else "cpu"]
     plan = MemoryPlan({"weights": weights, "working": working, "workspace": workspace}, device, free_bytes)
     if plan.fits is False:
         for other in ("normal", "low"):
-            saved = weights - {"normal": max(sizes.values()), "low": sizes[denoiser_name] // 10 + sizes["vae"]}[other]
+            saved = weights - weights_under(other)
             if saved > 0 and (other == "normal" or not plan.advice):
                 plan.advice.append((f"use the {other} VRAM policy", saved))
         if batch > 1:

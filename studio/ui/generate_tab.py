@@ -295,6 +295,12 @@ def _finish(job: Job):
     return job.result
 
 
+def done_status(count: int, elapsed: float, result) -> str:
+    """'Done: 2 image(s) in 3.1s · model X · memory: needs ~9.1 GB of VRAM, you have 24.0 GB free'."""
+    status = f"Done: {count} image(s) in {elapsed:.1f}s · model {result.model}"
+    return status + (f" · memory: {result.memory_plan}" if result.memory_plan else "")
+
+
 def on_generate(ctx: AppContext, session: list, *values):
     """UI handler: streams progress while the job runs, then shows the session's images."""
     job = _start_generation(ctx, values)
@@ -307,7 +313,7 @@ def on_generate(ctx: AppContext, session: list, *values):
     result = _finish(job)
     new = [(str(image.path), f"seed {image.seed}") for image in result.images]
     session = new + list(session)
-    status = f"Done: {len(result.images)} image(s) in {job.elapsed:.1f}s · model {result.model}"
+    status = done_status(len(result.images), job.elapsed, result)
     yield session, status, result.images[0].infotext if result.images else "", session
 
 
@@ -329,7 +335,7 @@ def on_reconnect(ctx: AppContext):
             str(job.result.path)
     else:
         shown = [(str(image.path), f"seed {image.seed}") for image in job.result.images]
-        status = f"Done: {len(shown)} image(s) in {job.elapsed:.1f}s · model {job.result.model}"
+        status = done_status(len(shown), job.elapsed, job.result)
         infotext = job.result.images[0].infotext if job.result.images else ""
         yield shown, status, infotext, shown, gr.skip()
 
