@@ -33,6 +33,8 @@ def network_config(config: TrainConfig, targets: list[str]):
     return cls(r=config.network_dim, alpha=config.network_alpha, target_modules=targets)
 
 
+CHANNELS_LAST = True  # the UNet in NHWC on CUDA (bench/profile_train.py measures the difference)
+
 class SDXLTrainingModel:
     family = "sdxl"
     base_model_version = "sdxl_base_v1-0"
@@ -56,7 +58,7 @@ class SDXLTrainingModel:
             module.requires_grad_(False)
             module.eval()
         self.unet.to(device, weight_dtype)
-        if torch.device(device).type == "cuda":  # cuDNN's NHWC convolutions: faster for SDXL's conv-heavy UNet
+        if CHANNELS_LAST and torch.device(device).type == "cuda":  # cuDNN's NHWC convolutions
             self.unet.to(memory_format=torch.channels_last)
         self.vae.to(device, self.vae_dtype)
         for encoder in self.text_encoders:
