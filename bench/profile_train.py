@@ -1,8 +1,8 @@
 """Where a full-size SDXL LoRA training step spends its time on a GPU: the studio's train() against
 the plain diffusers + peft loop (bench/train.py's ReferenceLoop), each under torch.profiler for two
-steps after warm-up, plus variants (channels-last off, torch.compile, batch 4).
+steps after warm-up, plus variants (the UNet channels-last, torch.compile, batch 4).
 
-    python bench/profile_train.py [--variants studio,studio_nchw,reference,b4,b4_compile]
+    python bench/profile_train.py [--variants studio,studio_nhwc,reference,b4,b4_compile]
 
 Prints per variant: seconds per step, the GPU's busy share of the step (kernel time / wall time: low
 means the step waits on the CPU, i.e. kernel launches), and the top operators by GPU and by CPU
@@ -95,7 +95,7 @@ def reference_variant(workdir: Path, dataset: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="studio,studio_nchw,reference,b4,b4_compile")
+    parser.add_argument("--variants", default="studio,studio_nhwc,reference,b4,b4_compile")
     args = parser.parse_args()
     import torch
     from train import make_dataset
@@ -112,10 +112,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             try:
                 if variant == "studio":
-                    studio_variant("studio, batch 1 (channels-last)", workdir, dataset, 1, False)
-                elif variant == "studio_nchw":
-                    with mock.patch.object(sdxl, "CHANNELS_LAST", False):
-                        studio_variant("studio, batch 1, channels-last off", workdir, dataset, 1, False)
+                    studio_variant("studio, batch 1", workdir, dataset, 1, False)
+                elif variant == "studio_nhwc":
+                    with mock.patch.object(sdxl, "CHANNELS_LAST", True):
+                        studio_variant("studio, batch 1, UNet channels-last", workdir, dataset, 1, False)
                 elif variant == "reference":
                     reference_variant(workdir, dataset)
                 elif variant == "b4":

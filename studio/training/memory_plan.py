@@ -27,8 +27,11 @@ from studio.training.config import TrainConfig
 
 GB = 1024**3
 # transient buffers of the backward pass and allocator slack: on a GPU also cuBLAS/cuDNN workspaces
-# and fragmentation; the CPU figure is calibrated on tests/test_full_size.py's measured runs
-WORKSPACE_BYTES = {"gpu": int(0.75 * GB), "cpu": int(0.25 * GB)}
+# and fragmentation. Calibrated on measured peaks: the CPU figure on tests/test_full_size.py's runs,
+# the GPU figures on bench/gpu_suite.py's H200 run (bench/results/gpu_suite.json), where checkpointed
+# training runs peaked ~0.6 GB below the activations-plus-0.75 GB estimate (the recomputed block is
+# freed piece by piece) and runs without checkpointing ~0.5 GB above it
+WORKSPACE_BYTES = {"gpu": int(0.75 * GB), "gpu_checkpointed": int(0.15 * GB), "cpu": int(0.25 * GB)}
 # bytes of optimizer state per trainable parameter (fp32 weights)
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 4, "Prodigy": 16, "Lion": 4}
 CAST_LOGGER = "diffusers.models.modeling_utils"  # its "should be kept in float32" warnings
@@ -268,6 +271,12 @@ def _itemsize(precision: str) -> int:
     return 2 if precision in ("bf16", "fp16") else 4
 
 
+def _training_workspace(on_gpu: bool, config: TrainConfig) -> int:
+    if not on_gpu:
+        return WORKSPACE_BYTES["cpu"]
+    return WORKSPACE_BYTES["gpu_checkpointed" if config.gradient_checkpointing else "gpu"]
+
+
 def _plan(config: TrainConfig, counts: _Measure, device: str, free_bytes: int | None) -> MemoryPlan:
     on_gpu = device != "cpu"
     itemsize = _itemsize(config.mixed_precision)
@@ -283,7 +292,7 @@ def _plan(config: TrainConfig, counts: _Measure, device: str, free_bytes: int | 
     activations = int(counts.activations.total(config.gradient_checkpointing) * scale)
     optimizer = OPTIMIZER_STATE_BYTES.get(config.optimizer_type, 8)
     plan = MemoryPlan({"weights": frozen, "network": counts.trainable * (4 + 4 + optimizer),
-                       "activations": activations, "workspace": WORKSPACE_BYTES["gpu" if on_gpu else "cpu"]},
+                       "activations": activations, "workspace": _training_workspace(on_gpu, config)},
                       device, free_bytes)
     if not config.cache_latents and on_gpu:
         plan.notes.append("the VAE encodes each batch on the device: its own peak comes on top at large sizes")
@@ -452,9 +461,12 @@ def _inference_peak(run) -> int:
 def plan_generation(family: str, folder: Path | None, width: int, height: int, batch: int = 1, *,
                     policy: str = "high", device: str = "cuda", free_bytes: int | None = None,
                     dtype_bytes: int = 2) -> MemoryPlan:
-    """The memory one generation needs: the weights the VRAM policy keeps on the device (high: all;
-    normal: the largest component at a time; low: about a tenth of the denoiser), plus the larger
-    of the denoiser's peak (classifier-free guidance doubles the batch) and the VAE decode's."""
+    """The memory one generation needs at its peak, which is the denoising loop or the VAE decode,
+    whichever is larger: the weights the VRAM policy keeps on the device during that phase (high:
+    all of them; normal: that phase's model; low: a couple of streamed layers), plus the phase's
+    working memory (the denoiser's at twice the batch for classifier-free guidance; the decode's,
+    tile by tile and one image at a time under low, which tiles the VAE), plus the workspace.
+    Checked against torch.cuda.max_memory_allocated on an H200 by bench/gpu_suite.py."""
     import torch
 
     from studio.models.anima_compat import quiet_logger
@@ -469,7 +481,8 @@ def plan_generation(family: str, folder: Path | None, width: int, height: int, b
     with quiet_logger(CAST_LOGGER):
         vae = components["vae"].to(dtype)
     working = _generation_working(family, components[denoiser_name], vae, width, height, batch, dtype)
-    return _generation_plan(sizes, denoiser_name, working, batch, policy, device, free_bytes)
+    streamed = _streamed_bytes(components[denoiser_name], dtype_bytes)
+    return _generation_plan(sizes, denoiser_name, working, streamed, batch, policy, device, free_bytes)
 
 
 def plan_loaded_generation(pipe, family: str, width: int, height: int, batch: int = 1, *, policy: str = "high",
@@ -502,15 +515,32 @@ def plan_loaded_generation(pipe, family: str, width: int, height: int, batch: in
         if len(_LOADED_WORKING) >= 64:
             _LOADED_WORKING.clear()
         _LOADED_WORKING[key] = working
-    return _generation_plan(sizes, denoiser_name, working, batch, policy, device, free_bytes)
+    streamed = _streamed_bytes(denoiser, denoiser.dtype.itemsize)
+    return _generation_plan(sizes, denoiser_name, working, streamed, batch, policy, device, free_bytes)
 
 
-_LOADED_WORKING: dict[tuple, int] = {}  # plan_loaded_generation's meta passes, per model config and shape
+_LOADED_WORKING: dict[tuple, tuple] = {}  # plan_loaded_generation's meta passes, per model config and shape
 
 
-def _generation_working(family: str, denoiser, vae, width: int, height: int, batch: int, dtype) -> int:
-    """Peak bytes of live tensors in one denoiser call (batch doubled for CFG) or one VAE decode,
-    whichever is larger, run on meta modules."""
+def _streamed_bytes(denoiser, dtype_bytes: int) -> int:
+    """What the low policy's leaf-level group offloading keeps on the device at once: the running
+    layer and the one prefetched on the side stream, at most twice the largest layer."""
+    largest = max((sum(p.numel() for p in module.parameters(recurse=False)) for module in denoiser.modules()),
+                  default=0)
+    return 2 * largest * dtype_bytes
+
+
+def _vae_tile_latents(vae) -> tuple[int, int]:
+    """(height, width) in latents of one tile of the VAE's tiled decode."""
+    if hasattr(vae, "tile_latent_min_size"):  # AutoencoderKL
+        return vae.tile_latent_min_size, vae.tile_latent_min_size
+    ratio = getattr(vae, "spatial_compression_ratio", 8)
+    return vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
+
+
+def _generation_working(family: str, denoiser, vae, width: int, height: int, batch: int, dtype) -> tuple:
+    """Peak bytes of live tensors in one denoiser call (batch doubled for CFG), in one VAE decode of
+    the batch, and in one tile of a tiled decode (one image), run on meta modules."""
     import torch
 
     from studio.models.anima_compat import ensure_cosmos_resize, quiet_logger
@@ -519,6 +549,7 @@ def _generation_working(family: str, denoiser, vae, width: int, height: int, bat
         denoiser, vae = denoiser.to(dtype).eval(), vae.eval()
     vae_dtype = next(vae.parameters()).dtype
     meta, rows = torch.device("meta"), 2 * batch
+    tile_h, tile_w = (min(tile, side // 8) for tile, side in zip(_vae_tile_latents(vae), (height, width)))
     if family == "sdxl":
         config = denoiser.config
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -530,9 +561,9 @@ def _generation_working(family: str, denoiser, vae, width: int, height: int, bat
                      added_cond_kwargs={"text_embeds": torch.empty(rows, pooled, device=meta, dtype=dtype),
                                         "time_ids": torch.empty(rows, 6, device=meta, dtype=dtype)})
 
-        def run_vae():
-            vae.decode(torch.empty(batch, vae.config.latent_channels, height // 8, width // 8, device=meta,
-                                   dtype=vae_dtype))
+        def decode(images: int, h: int, w: int):
+            return lambda: vae.decode(torch.empty(images, vae.config.latent_channels, h, w, device=meta,
+                                                  dtype=vae_dtype))
     else:
         ensure_cosmos_resize()
         from studio.training.anima import MAX_SEQUENCE_LENGTH
@@ -546,25 +577,37 @@ def _generation_working(family: str, denoiser, vae, width: int, height: int, bat
                                                        dtype=dtype),
                      padding_mask=latents.new_zeros(1, 1, height, width), return_dict=False)
 
-        def run_vae():
-            vae.decode(torch.empty(batch, vae.config.z_dim, 1, height // 8, width // 8, device=meta, dtype=vae_dtype))
-    return max(_inference_peak(run_denoiser), _inference_peak(run_vae))
+        def decode(images: int, h: int, w: int):
+            return lambda: vae.decode(torch.empty(images, vae.config.z_dim, 1, h, w, device=meta, dtype=vae_dtype))
+    return (_inference_peak(run_denoiser), _inference_peak(decode(batch, height // 8, width // 8)),
+            _inference_peak(decode(1, tile_h, tile_w)))
 
 
-def _generation_plan(sizes: dict[str, int], denoiser_name: str, working: int, batch: int, policy: str, device: str,
-                     free_bytes: int | None) -> MemoryPlan:
-    def weights_under(name: str) -> int:
-        return {"high": sum(sizes.values()), "cpu": sum(sizes.values()), "normal": max(sizes.values()),
-                "low": sizes[denoiser_name] // 10 + sizes.get("vae", 0)}[name]
+def _generation_plan(sizes: dict[str, int], denoiser_name: str, working: tuple, streamed: int, batch: int,
+                     policy: str, device: str, free_bytes: int | None) -> MemoryPlan:
+    """The plan from the components' sizes and the phases' working memory (see plan_generation)."""
+    denoiser_working, decode_working, tile_working = working
+    everything = sum(sizes.values())
 
-    weights = weights_under(policy)
+    def phases(name: str) -> list[tuple[int, int]]:  # (weights on the device, working) per phase
+        if name in ("high", "cpu"):
+            return [(everything, denoiser_working), (everything, decode_working)]
+        if name == "normal":  # one model on the device at a time
+            encoders = max((size for part, size in sizes.items() if part not in (denoiser_name, "vae")), default=0)
+            return [(sizes[denoiser_name], denoiser_working), (sizes.get("vae", 0), decode_working), (encoders, 0)]
+        return [(streamed, denoiser_working), (streamed, tile_working)]  # low: streamed layers, tiled decode
+
+    def peak(name: str) -> tuple[int, int]:
+        return max(phases(name), key=sum)
+
+    weights, phase_working = peak(policy)
     workspace = WORKSPACE_BYTES["gpu" if device != "cpu" else "cpu"]
-    plan = MemoryPlan({"weights": weights, "working": working, "workspace": workspace}, device, free_bytes)
+    plan = MemoryPlan({"weights": weights, "working": phase_working, "workspace": workspace}, device, free_bytes)
     if plan.fits is False:
         for other in ("normal", "low"):
-            saved = weights - weights_under(other)
+            saved = sum(peak(policy)) - sum(peak(other))
             if saved > 0 and (other == "normal" or not plan.advice):
                 plan.advice.append((f"use the {other} VRAM policy", saved))
         if batch > 1:
-            plan.advice.append(("make one image per batch", working - working // batch))
+            plan.advice.append(("make one image per batch", phase_working - phase_working // batch))
     return plan

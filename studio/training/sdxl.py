@@ -33,7 +33,11 @@ def network_config(config: TrainConfig, targets: list[str]):
     return cls(r=config.network_dim, alpha=config.network_alpha, target_modules=targets)
 
 
-CHANNELS_LAST = True  # the UNet in NHWC on CUDA (bench/profile_train.py measures the difference)
+# The UNet in NHWC (channels-last) on CUDA. Off: on an H200 (bench/results/gpu_suite.json) the
+# studio's step with it on took 1.29x a plain diffusers + peft step without it, while generation,
+# which never used it, ran at 1.02x; channels-last is the one GPU-only difference between the two
+# training loops. `python bench/profile_train.py` measures both layouts on the next GPU run.
+CHANNELS_LAST = False
 
 class SDXLTrainingModel:
     family = "sdxl"
