@@ -25,6 +25,7 @@ RESUME_INVARIANT = (
     "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_cycle_decay", "min_lr_ratio", "max_train_steps",
     "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "noise_offset",
     "min_snr_gamma", "v_parameterization", "zero_terminal_snr", "mixed_precision", "seed", "validation_images",
+    "balance_concepts",
 )
 
 
@@ -60,6 +61,10 @@ class TrainConfig(_Config):
     flip_aug: bool = False
     allow_empty_captions: bool = False  # images without a caption file train on "" only if asked
     validation_images: int = Field(0, ge=0)  # held out from training, for the validation loss
+    # each dataset's concepts (studio.dataset.concepts: repeat folders, triggers, character tags, or
+    # the list saved in the Caption tab) get their target share of an epoch (equal by default):
+    # each image's repeats become its concept's balanced repeats
+    balance_concepts: bool = False
     caption_scheme: Literal["kohya", "mixed"] = "kohya"
     shuffle_caption: bool = False
     keep_tokens: int = Field(0, ge=0)

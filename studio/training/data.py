@@ -44,8 +44,25 @@ class DataReport:
         return len({s.image for s in self.train})
 
 
-def collect_samples(config: TrainConfig) -> DataReport:
-    """Every usable image of every dataset, at every training resolution, with its bucket."""
+def _balanced_repeats(dataset, warnings: list[str], character_tags) -> dict[str, int]:
+    """{image rel: repeats} that give each of the dataset's concepts its target share of an epoch;
+    an image of several concepts takes the largest; images of no concept keep their own."""
+    from studio.dataset.concepts import dataset_concepts
+
+    report = dataset_concepts(dataset, character_tags=character_tags)
+    repeats = report.balanced_repeats()
+    out: dict[str, int] = {}
+    for concept in report.concepts:
+        for rel in concept.images:
+            out[rel] = max(out.get(rel, 0), repeats[concept.name])
+    warnings.append(f"{dataset.root.name}: concepts balanced: " + ", ".join(
+        f"{c.name} {len(c.images)} images x{repeats[c.name]}" for c in report.concepts))
+    return out
+
+
+def collect_samples(config: TrainConfig, character_tags: frozenset[str] = frozenset()) -> DataReport:
+    """Every usable image of every dataset, at every training resolution, with its bucket.
+    `character_tags`: the tagger's character tags, for finding concepts (balance_concepts)."""
     from studio.dataset.buckets import Bucketer
     from studio.dataset.config import BucketConfig
     from studio.dataset.dataset import Dataset
@@ -63,6 +80,7 @@ def collect_samples(config: TrainConfig) -> DataReport:
         dataset = Dataset.open(Path(source.path))
         warnings += [f"{p.path.name}: {p.reason}" for p in dataset.report.problems if p.severity == "skip"]
         counts: dict[str, int] = defaultdict(int)
+        balanced = _balanced_repeats(dataset, warnings, character_tags) if config.balance_concepts else {}
         for item in dataset.items:
             tags, nl = dataset.read_tags(item), dataset.read_nl(item)
             if not tags and not nl:
@@ -73,6 +91,7 @@ def collect_samples(config: TrainConfig) -> DataReport:
             for tag in tags:
                 counts[tag] += 1
             repeats = source.num_repeats if source.num_repeats and dataset.report.layout == "flat" else item.repeats
+            repeats = balanced.get(item.rel, repeats)
             images.append((item, tuple(tags), nl, repeats))
         frequency[Path(source.path).name] = dict(counts)
     if not images:

@@ -186,7 +186,12 @@ def train(
                  "with AVX512-BF16); training in fp32")
 
     # 2. Data: samples with buckets, the batch plan (global batch = per-device batch x processes).
-    data = collect_samples(config)
+    from studio.dataset.concepts import known_character_tags, write_run_concepts
+
+    character_tags = frozenset(known_character_tags(models_dir))
+    data = collect_samples(config, character_tags)
+    if main:
+        write_run_concepts(run_dir, config, character_tags)
     for warning in data.warnings:
         log.emit("message", 0, 0, text=warning)
     batch = config.train_batch_size
