@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="the run's id, as `queue list` shows it")
         sub.add_argument("--workspace", type=Path, default=Path("workspace"))
     move.add_argument("offset", type=int)
+    from studio import cli_audit
+
+    cli_audit.add_parser(commands)
     return parser
 
 
@@ -415,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "queue":
             return run_queue_command(args)
+        if args.command == "audit":
+            from studio import cli_audit
+
+            return cli_audit.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

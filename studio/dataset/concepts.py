@@ -153,11 +153,22 @@ class ConceptReport:
         return {**fixed, **{name: left / len(rest) for name in rest}} if rest else fixed
 
     def balanced_repeats(self) -> dict[str, int]:
-        """Repeats per concept that give each its target share while an epoch keeps about the
-        samples it has now (at least 1 each)."""
+        """Whole repeats per concept (at least 1) whose shares come nearest the targets, for an
+        epoch of about the samples it has now (between half and twice as many)."""
         targets = self.targets()
+        sizes = {c.name: max(len(c.images), 1) for c in self.concepts}
         total = max(self.samples_per_epoch, len(self.concepts))
-        return {c.name: max(1, round(total * targets[c.name] / max(len(c.images), 1))) for c in self.concepts}
+
+        def repeats_for(samples: int) -> dict[str, int]:
+            return {name: max(1, round(samples * targets[name] / size)) for name, size in sizes.items()}
+
+        def error(repeats: dict[str, int]) -> float:
+            epoch = sum(sizes[name] * r for name, r in repeats.items())
+            return max(abs(sizes[name] * r / epoch - targets[name]) for name, r in repeats.items())
+
+        candidates = range(max(1, total // 2), 2 * total + 1, max(1, (3 * total) // 4000))
+        best = min(candidates, key=lambda samples: (round(error(repeats_for(samples)), 3), abs(samples - total)))
+        return repeats_for(best)
 
     def to_json(self) -> dict:
         repeats = self.balanced_repeats() if self.concepts else {}
