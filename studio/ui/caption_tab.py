@@ -27,6 +27,7 @@ from studio.errors import ConfigError, StudioError
 from studio.jobs import Job
 from studio.schemas import validate
 from studio.ui import caption_form as form
+from studio.ui import concepts_view
 from studio.ui import dataset_view as view
 from studio.ui.forms import as_dict, check_text, named_parameters
 from studio.ui.forms import errors_in_status as form_errors_in_status
@@ -72,6 +73,8 @@ def build(ctx: AppContext) -> CaptionTab:
                                                 "click a tag to filter by it)", max_height=420, elem_id="cap-frequency")
         with gr.Tab("Bucket preview"):
             _build_buckets(c)
+        with gr.Tab("Concepts & audit", elem_id="cap-concepts-tab"):
+            concepts_view.build(c)
     c["shown"] = gr.State([])  # rel paths of the gallery's images, in order
     c["selected"] = gr.State("")  # rel path of the image in the editor
     c["api_dataset"] = gr.Textbox(visible=False)
@@ -360,6 +363,26 @@ def on_select_image(ctx: AppContext, folder: str, shown: list[str], index) -> di
     if index is None or not 0 <= index < len(shown or []):
         return editor_view(None, "")
     return {**editor_view(_open_dataset(ctx, folder), shown[index]), "edit_msg": ""}
+
+
+def on_audit(ctx: AppContext, folder: str, trigger: str, duplicates: bool) -> dict:
+    """The dataset's concepts and the audit's findings (Concepts & audit)."""
+    return concepts_view.audit_view(ctx, _open_dataset(ctx, folder), trigger, bool(duplicates))
+
+
+def on_concepts_save(ctx: AppContext, folder: str, trigger: str, rows) -> dict:
+    return concepts_view.on_save(ctx, _open_dataset(ctx, folder), rows, trigger)
+
+
+def on_concepts_forget(ctx: AppContext, folder: str, trigger: str) -> dict:
+    return concepts_view.on_forget(ctx, _open_dataset(ctx, folder), trigger)
+
+
+def on_select_finding(ctx: AppContext, folder: str, rel: str) -> dict:
+    """A finding clicked: its image opens in the editor (a finding about a whole concept opens none)."""
+    if not rel:
+        return {"edit_msg": ""}
+    return {**editor_view(_open_dataset(ctx, folder), rel), "edit_msg": ""}
 
 
 # -- handlers: edits -----------------------------------------------------------------------------
@@ -652,6 +675,19 @@ def wire(ctx: AppContext, tab: CaptionTab) -> None:
         return on_frequency_tag(ctx, folder, all_of, any_of, str(tag))
 
     on(c["gallery"].select, select_image, [c["dataset"], c["shown"]], (*EDITOR, "edit_msg"))
+    audited = ("audit_summary", "concepts", "findings", "concept_list")
+    on(c["audit_button"].click, functools.partial(on_audit, ctx), [c["dataset"], f["trigger"], c["audit_duplicates"]],
+       audited, concurrency_id="audit", concurrency_limit=1)
+    on(c["concepts_save"].click, functools.partial(on_concepts_save, ctx),
+       [c["dataset"], f["trigger"], c["concept_list"]], (*audited, "concepts_msg"), concurrency_id="audit")
+    on(c["concepts_forget"].click, functools.partial(on_concepts_forget, ctx), [c["dataset"], f["trigger"]],
+       (*audited, "concepts_msg"), concurrency_id="audit")
+
+    def select_finding(folder, evt: gr.SelectData):
+        row = evt.row_value or []
+        return on_select_finding(ctx, folder, str(row[2]) if len(row) > 2 and row[2] else "")
+
+    on(c["findings"].select, select_finding, [c["dataset"]], (*EDITOR, "edit_msg"))
     on(c["frequency"].select, select_tag, where, ("all_of", *VIEW))
     edited = ("bulk_msg", *VIEW, *EDITOR)
     on(c["save"].click, functools.partial(on_save, ctx), [*where, c["selected"], c["edit_tags"], c["edit_nl"]],
