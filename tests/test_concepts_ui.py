@@ -63,3 +63,19 @@ def test_audit_in_the_browser_and_open_a_finding_in_the_editor(app_server, brows
         page.screenshot(path=str(tmp_path / "concepts.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_the_train_summary_shows_each_concepts_share_and_balancing_evens_them(tmp_path):
+    from studio.training.config import TrainConfig
+    from studio.ui import train_view
+
+    root = kohya_dataset(tmp_path / "data")
+    config = TrainConfig(datasets=[{"path": str(root)}], resolution=64, min_bucket_reso=64, max_train_steps=10)
+    plain = train_view.summarize(config)
+    assert [(n, i, round(s, 3)) for n, i, s in plain.concepts] == [("amiya", 12, 0.909), ("ember", 4, 0.091)]
+    balanced_config = config.model_copy(update={"balance_concepts": True})
+    balanced = train_view.summarize(balanced_config)
+    assert [round(s, 2) for _, _, s in balanced.concepts] == [0.5, 0.5]
+    text = train_view.summary_markdown(balanced, balanced_config)
+    assert "Concepts (share of an epoch): amiya 12 img **50%** · ember 4 img **50%**" in text
+    assert "concepts balanced" not in text, "the balancing note is not a warning"

@@ -22,7 +22,7 @@ MIXED_KEYS = ("weight_tags", "weight_nl", "weight_tags_nl", "weight_nl_tags", "t
 # The form, in the order the Start handler receives it; names are TrainConfig's (kohya's) except
 # the preset, the dataset folders, their repeats and the mixed-caption weights (mixed_<key>).
 TRAIN_FIELDS: tuple[str, ...] = (
-    "datasets", "num_repeats", "preset", "pretrained_model", "output_name", "network_dim", "network_alpha",
+    "datasets", "num_repeats", "balance_concepts", "preset", "pretrained_model", "output_name", "network_dim", "network_alpha",
     "learning_rate", "max_train_steps", "max_train_epochs", "train_batch_size", "resolution", "shuffle_caption",
     "keep_tokens", "caption_tag_dropout_rate",
     # advanced
@@ -39,7 +39,7 @@ PRESET_FIELDS = tuple(n for n in TRAIN_FIELDS if n not in ("datasets", "num_repe
 _TEXT_FIELDS = ("resolution", "sample_prompts", "sample_size")
 _PLAIN_FIELDS = {"pretrained_model", "output_name", "network_type", "network_target", "optimizer_type", "lr_scheduler",
                  "mixed_precision", "caption_scheme", "shuffle_caption", "gradient_checkpointing", "fp8_base",
-                 "torch_compile", "cache_latents", "cache_text_encoder_outputs", "flip_aug"}
+                 "torch_compile", "cache_latents", "cache_text_encoder_outputs", "flip_aug", "balance_concepts"}
 _FLOAT_FIELDS = {"network_alpha", "learning_rate", "caption_tag_dropout_rate", "lr_cycle_decay", "min_lr_ratio",
                  "weight_decay", "noise_offset", "min_snr_gamma", *(f"mixed_{k}" for k in MIXED_KEYS[:5])}
 
@@ -166,6 +166,9 @@ def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) ->
                                     scale=4, elem_id="train-datasets")
         f["num_repeats"] = gr.Number(0, label="Repeats", precision=0, minimum=0, scale=1, min_width=90,
                                      info="0: as the folders say")
+        f["balance_concepts"] = gr.Checkbox(d["balance_concepts"], label="Balance concepts", scale=1, min_width=130,
+                                            info="each concept its share of an epoch (Caption tab: Concepts)",
+                                            elem_id="train-balance")
         c["datasets_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40, elem_id="train-datasets-refresh")
     c["summary"] = gr.Markdown("Choose a dataset to see its images, buckets and steps.", elem_id="train-summary")
     with gr.Row():

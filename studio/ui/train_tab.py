@@ -131,7 +131,7 @@ def on_summary(ctx: AppContext, *values):
         return "Choose a dataset to see its images, buckets and steps.", None
     try:
         config = _config(ctx, values)
-        summary = view.summarize(config, ctx.settings.runs_dir)
+        summary = view.summarize(config, ctx.settings.runs_dir, ctx.settings.models_dir)
     except StudioError as exc:
         return f"⚠ {exc}", None
     return view.summary_markdown(summary, config), summary.buckets
@@ -531,7 +531,7 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
                         api_visibility="private", queue=False)
     c["datasets_refresh"].click(lambda: gr.Dropdown(choices=dataset_choices(ctx.settings)), outputs=f["datasets"],
                                 api_visibility="private", queue=False)
-    summary_triggers = [f[n].change for n in ("datasets", "num_repeats", "resolution", "train_batch_size",
+    summary_triggers = [f[n].change for n in ("datasets", "num_repeats", "balance_concepts", "resolution", "train_batch_size",
                                               "max_train_steps", "max_train_epochs", "gradient_accumulation_steps",
                                               "validation_images", "pretrained_model")]
     gr.on(summary_triggers, partial(on_summary, ctx), inputs=inputs, outputs=[c["summary"], c["buckets"]],

@@ -35,18 +35,22 @@ class DataSummary:
     seconds: float
     basis: str  # what the time estimate rests on
     warnings: list[str] = field(default_factory=list)
+    concepts: list[tuple[str, int, float]] = field(default_factory=list)  # (name, images, share of an epoch)
 
     @property
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
 
 
-def summarize(config: TrainConfig, runs_dir: Path | None = None) -> DataSummary:
-    """Images, repeats, buckets, steps per epoch and total steps as the trainer will see them."""
+def summarize(config: TrainConfig, runs_dir: Path | None = None, models_dir: Path | None = None) -> DataSummary:
+    """Images, repeats, buckets, steps per epoch and total steps as the trainer will see them, and
+    each concept's share of an epoch (with balance_concepts, after balancing)."""
+    from studio.dataset.concepts import known_character_tags
     from studio.training.data import BatchPlan, collect_samples
     from studio.training.loop import make_plan
 
-    report = collect_samples(config)
+    characters = frozenset(known_character_tags(models_dir))
+    report = collect_samples(config, characters)
     plan = make_plan(config, BatchPlan(report.train, config.train_batch_size, config.seed).batches_per_epoch)
     images, weighted = Counter(), Counter()
     for sample in report.train:
@@ -57,7 +61,26 @@ def summarize(config: TrainConfig, runs_dir: Path | None = None) -> DataSummary:
     seconds, basis = estimate_seconds(config, plan.total_steps, runs_dir)
     return DataSummary(report.images, len({s.image for s in report.validation}),
                        sorted({s.repeats for s in report.train}), sum(weighted.values()), buckets,
-                       plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps, seconds, basis, report.warnings)
+                       plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps, seconds, basis,
+                       [w for w in report.warnings if ": concepts balanced: " not in w],
+                       concept_shares(config, report, characters))
+
+
+def concept_shares(config: TrainConfig, report, character_tags) -> list[tuple[str, int, float]]:
+    """(concept, images, share of the epoch's samples) over the run's datasets, as trained."""
+    from studio.dataset.concepts import dataset_concepts
+    from studio.dataset.dataset import Dataset
+
+    repeats = {s.image: s.repeats for s in report.train}
+    total = sum(repeats.values())
+    rows = []
+    for source in config.datasets:
+        dataset = Dataset.open(Path(source.path))
+        for concept in dataset_concepts(dataset, character_tags=character_tags).concepts:
+            images = [dataset.root / rel for rel in concept.images]
+            samples = sum(repeats.get(path, 0) for path in images)
+            rows.append((concept.name, len(images), samples / total if total else 0.0))
+    return rows
 
 
 def _work_per_step(config: TrainConfig) -> float:
@@ -110,6 +133,10 @@ def summary_markdown(summary: DataSummary, config: TrainConfig) -> str:
          f"({summary.basis}; model loading and "
          "caching come on top)"),
     ]
+    if summary.concepts:
+        lines.append("Concepts (share of an epoch): " + " · ".join(
+            f"{name} {images} img **{share:.0%}**" for name, images, share in summary.concepts[:12])
+            + (f" · and {len(summary.concepts) - 12} more" if len(summary.concepts) > 12 else ""))
     lines += [f"⚠ {w}" for w in summary.warnings[:5]]
     if len(summary.warnings) > 5:
         lines.append(f"⚠ ... and {len(summary.warnings) - 5} more")
