@@ -177,3 +177,36 @@ def test_the_audit_command_prints_concepts_and_findings_and_saves_the_list(tmp_p
                                                                     "few_images"}
     assert data["concepts"]["concepts"][1]["balanced_repeats"] == 18
     assert main(["audit", str(tmp_path / "nowhere"), "--workspace", str(tmp_path / "ws")]) == 2
+
+
+def test_protect_concepts_keeps_every_characters_name_through_tag_dropout(tmp_path):
+    """Mixed captions with 90% tag dropout: with protect_concepts, both concepts' triggers survive
+    every draw; without it they are dropped about as often as any tag."""
+    import random
+
+    from studio.dataset.concepts import run_concepts
+    from studio.training.config import TrainConfig, changed_settings
+    from studio.training.data import collect_samples
+    from studio.training.trainer import _caption_sampler, _concept_tags
+
+    root = kohya_dataset(tmp_path / "data")
+    mixed = {"weight_tags": 1, "weight_nl": 0, "weight_tags_nl": 0, "weight_nl_tags": 0, "tag_dropout": 0.9,
+             "keep_first": 0, "min_tags": 0}
+    config = TrainConfig(datasets=[{"path": str(root)}], resolution=64, min_bucket_reso=64, caption_scheme="mixed",
+                         mixed_captions={**mixed, "protect_concepts": True})
+    data = collect_samples(config)
+    tags = _concept_tags(run_concepts(config), data, frozenset())
+    assert tags == ["amiya \\(arknights\\)", "ember \\(endfield\\)"]
+    protected, plain = _caption_sampler(config, tags), _caption_sampler(
+        config.model_copy(update={"mixed_captions": config.mixed_captions.model_copy(
+            update={"protect_concepts": False})}), tags)
+    rng = random.Random(0)
+    kept = {"protected": 0, "plain": 0}
+    for _ in range(200):
+        kept["protected"] += "amiya \\(arknights\\)" in protected.sample(AMIYA.split(", "), "", rng)
+        kept["plain"] += "amiya \\(arknights\\)" in plain.sample(AMIYA.split(", "), "", rng)
+    assert kept["protected"] == 200 and kept["plain"] < 60
+    old = config.resume_fingerprint()
+    old["mixed_captions"] = {k: v for k, v in old["mixed_captions"].items() if k != "protect_concepts"}
+    assert changed_settings(old, config.model_copy(update={"mixed_captions": config.mixed_captions.model_copy(
+        update={"protect_concepts": False})}).resume_fingerprint()) == [], "a run from before the setting resumes"

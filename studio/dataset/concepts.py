@@ -349,10 +349,10 @@ def run_concepts(config, character_tags: Iterable[str] = ()) -> list[dict]:
     return rows
 
 
-def write_run_concepts(run_dir: Path, config, character_tags: Iterable[str] = ()) -> Path:
-    """RUN/concepts.json: the run's concepts as training starts (a list of run_concepts' rows)."""
+def write_run_concepts(run_dir: Path, rows: list[dict]) -> Path:
+    """RUN/concepts.json: the run's concepts as training starts (run_concepts' rows)."""
     path = Path(run_dir) / RUN_CONCEPTS_FILE
-    atomic_write_text(path, json.dumps(run_concepts(config, character_tags), indent=1))
+    atomic_write_text(path, json.dumps(rows, indent=1))
     return path
 
 

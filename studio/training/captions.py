@@ -119,6 +119,9 @@ class MixedCaptionConfig(_Config):
     tag_dropout: float = Field(0.3, ge=0, le=1)  # a fixed fraction of the droppable tags
     keep_first: int = Field(1, ge=0)  # trigger, character, series, @artist stay first
     protected_tags: list[str] = []  # never dropped, never moved
+    # the run's concept triggers and the dataset's character tags join protected_tags (the trainer
+    # adds them: a multi-character LoRA never trains a caption that lost its character's name)
+    protect_concepts: bool = False
     min_tags: int = Field(3, ge=0)  # tag dropout never leaves fewer
     shuffle_tags: bool = True  # the droppable tags only
     shuffle_sentences: bool = False  # the first sentence stays first

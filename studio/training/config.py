@@ -196,6 +196,11 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two resume fingerprints. A setting added to the studio
     after a run started is missing from its fingerprint: its default is what that run used."""
     defaults = TrainConfig().model_dump(mode="json")
-    old = {key: old.get(key, defaults.get(key)) for key in set(old) | set(new)}
+
+    def filled(key: str, value):  # settings added inside a group (mixed_captions) since, likewise
+        default = defaults.get(key)
+        return {**default, **value} if isinstance(value, dict) and isinstance(default, dict) else value
+
+    old = {key: filled(key, old.get(key, defaults.get(key))) for key in set(old) | set(new)}
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from studio.errors import ConfigError, JobStopped, StudioError
@@ -103,10 +103,27 @@ def _load_model(config: TrainConfig, models_dir: Path, device, weight_dtype, rep
     return SDXLTrainingModel(loaded.model, config, device, weight_dtype), source
 
 
-def _caption_sampler(config: TrainConfig):
-    from studio.training.captions import CaptionSampler
+def _caption_sampler(config: TrainConfig, concept_tags: Sequence[str] = ()):
+    """The run's caption sampler; with mixed captions' protect_concepts, `concept_tags` (the
+    concepts' triggers and the dataset's character tags) are never dropped."""
+    from studio.training.captions import CaptionSampler, MixedCaptionConfig
 
-    return CaptionSampler.from_config(config.caption_config())
+    caption = config.caption_config()
+    if isinstance(caption, MixedCaptionConfig) and caption.protect_concepts and concept_tags:
+        caption = caption.model_copy(update={"protected_tags": [*caption.protected_tags, *concept_tags]})
+    return CaptionSampler.from_config(caption)
+
+
+def _concept_tags(concepts: list[dict], data, character_tags: frozenset[str]) -> list[str]:
+    """The triggers of the run's concepts and every character tag its captions use."""
+    from studio.captioning.tag_rules import tag_key
+    from studio.dataset.concepts import looks_like_character
+
+    characters = {tag_key(t) for t in character_tags}
+    used = {tag for counts in data.tag_frequency.values() for tag in counts}
+    found = [t for c in concepts for t in c.get("triggers", [])]
+    found += sorted(t for t in used if tag_key(t) in characters or looks_like_character(t))
+    return list(dict.fromkeys(found))
 
 
 def _caches(config: TrainConfig, model, sampler, cache_dir: Path):
@@ -186,12 +203,13 @@ def train(
                  "with AVX512-BF16); training in fp32")
 
     # 2. Data: samples with buckets, the batch plan (global batch = per-device batch x processes).
-    from studio.dataset.concepts import known_character_tags, write_run_concepts
+    from studio.dataset.concepts import known_character_tags, run_concepts, write_run_concepts
 
     character_tags = frozenset(known_character_tags(models_dir))
     data = collect_samples(config, character_tags)
+    concepts = run_concepts(config, character_tags)
     if main:
-        write_run_concepts(run_dir, config, character_tags)
+        write_run_concepts(run_dir, concepts)
     for warning in data.warnings:
         log.emit("message", 0, 0, text=warning)
     batch = config.train_batch_size
@@ -209,7 +227,7 @@ def train(
     if stop is not None and stop.is_set():  # pressed while the model loaded
         return RunResult("stopped", 0, run_dir, [], "stopped while loading the model; nothing trained yet")
     groups = model.add_network()
-    sampler = _caption_sampler(config)
+    sampler = _caption_sampler(config, _concept_tags(concepts, data, character_tags))
     latent_cache, text_cache, note = _caches(config, model, sampler, cache_dir)
     if note:
         log.emit("message", 0, 0, text=note)
