@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio import cli_audit
 
     cli_audit.add_parser(commands)
+    from studio import cli_publish
+
+    cli_publish.add_parser(commands)
     return parser
 
 
@@ -422,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             from studio import cli_audit
 
             return cli_audit.run(args)
+        if args.command == "publish":
+            from studio import cli_publish
+
+            return cli_publish.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
