@@ -404,6 +404,7 @@ class BaseModelInfo:
     hub_id: str | None  # what base_model says (None: a local file the Hub does not know)
     label: str
     license: tuple[str, str | None, str | None]
+    family: str | None = None  # the catalog's word for it, where the catalog knows the model
 
 
 def base_model_info(pretrained: str, family: str, license: str = "", catalog=None) -> BaseModelInfo:
@@ -420,12 +421,13 @@ def base_model_info(pretrained: str, family: str, license: str = "", catalog=Non
         hub_id, label = pretrained, pretrained
     else:
         hub_id, label = None, Path(pretrained).name or family
+    family = entry.family if entry else next((e.family for e in catalog.values() if e.source == hub_id), None)
     known = getattr(entry, "license", None) or BASE_LICENSES.get(hub_id or "")
     if license:
         chosen = (license, None, None) if license in HUB_LICENSES else ("other", license, None)
     else:
         chosen = tuple(known) if known else ("other", "same-as-base-model", None)
-    return BaseModelInfo(hub_id, label, chosen)
+    return BaseModelInfo(hub_id, label, chosen, family)
 
 
 def card_data(summary: RunSummary, base: BaseModelInfo):
@@ -808,6 +810,7 @@ def publish(config: PublishConfig, resolver: Resolver, *, token: str | None = No
                             run_dir / PUBLISH_DIR / f"{summary.checkpoint.stem}-civitai", "CivitAI folder")
     # 2. What goes out
     base = base_model_info(str(summary.settings.get("pretrained_model", "")), summary.family, config.license)
+    summary.family = base.family or summary.family
     files = hub_bundle(summary, card_text(summary, base, config.repo_id))
     result = PublishResult(summary.checkpoint, config.repo_id, [f.path for f in files], notes=summary.notes)
     marker = {"run": run_dir.name, "checkpoint": summary.checkpoint.name, "repo_id": config.repo_id}

@@ -144,6 +144,8 @@ def test_a_failed_commit_publishes_nothing_and_publishing_again_completes(ws, hu
     assert hub.paths("alice/retry") == {".gitattributes", *result.files}
     assert hub.count("PUT", "^/_lfs/") == uploads  # nothing sent twice
     assert len(hub.repos["alice/retry"].commits) == 2
+    again = publish(config(repo_id="alice/retry"), request(ws), token=ALICE, owner_login_allowed=False)
+    assert again.commit == result.commit and len(hub.repos["alice/retry"].commits) == 2  # unchanged: no empty commit
 
 
 def test_a_public_repository_is_not_used_for_a_private_upload(ws, hub):
@@ -363,6 +365,8 @@ def test_an_anima_run_and_a_license_choice(ws):
     result = publish(config(dry_run=True, license="apache-2.0"), request(ws), owner_login_allowed=False)
     data = ModelCard.load(result.folder / "README.md").data
     assert data.base_model == "circlestone-labs/Anima-Base-v1.0-Diffusers" and data.license == "apache-2.0"
+    assert "anima" in data.tags and "stable-diffusion-xl" not in data.tags
+    assert "A1111" not in (result.folder / "README.md").read_text()  # ComfyUI only: A1111 has no Anima
     result = publish(config(dry_run=True), request(ws), owner_login_allowed=False)
     data = ModelCard.load(result.folder / "README.md").data
     assert (data.license, data.license_name) == ("other", "circlestone-labs-non-commercial-license")
