@@ -510,7 +510,10 @@ def plan_loaded_generation(pipe, family: str, width: int, height: int, batch: in
         with init_empty_weights(include_buffers=True):
             meta_denoiser = type(denoiser).from_config(denoiser.config)
             meta_vae = type(vae).from_config(vae.config)
-        meta_vae.to(vae.dtype)
+        from studio.models.anima_compat import quiet_logger
+
+        with quiet_logger(CAST_LOGGER):
+            meta_vae.to(vae.dtype)
         working = _generation_working(family, meta_denoiser, meta_vae, width, height, batch, denoiser.dtype)
         if len(_LOADED_WORKING) >= 64:
             _LOADED_WORKING.clear()
