@@ -126,6 +126,9 @@ class TrainConfig(_Config):
     sample_steps: int = Field(20, ge=1, le=150)
     sample_size: tuple[int, int] = (832, 1216)  # each side 64 to MAX_SAMPLE_SIDE
     sample_cfg: float = Field(6.0, ge=0, le=30)
+    # evaluate each checkpoint as it is saved (studio.evaluation.in_training): the fixed prompt set
+    # per concept on the model being trained, tagged and scored into RUN/evaluation/
+    evaluate_every_save: bool = False
     validate_every_n_steps: int | None = Field(None, ge=0)  # 0 or None: never
     log_every_n_steps: int = Field(1, ge=1)
     tensorboard: bool = True

@@ -320,6 +320,8 @@ def train(
         stopping = (stop is not None and stop.is_set()) or (stop_after is not None and step >= stop_after)
         if stopping or saver.due(step, epoch_end) or step == plan.total_steps:
             saver.save(step, epoch, losses, log, final=step == plan.total_steps)
+            if config.evaluate_every_save and not stopping:
+                saver.evaluate(step, epoch, log, models_dir, stop, world)
         if stopping and step < plan.total_steps:
             status, message = "stopped", f"stopped at step {step}; resume continues from here"
             break
@@ -387,6 +389,43 @@ class Saver:
         steps = sorted(folder.glob(f"{self.config.output_name}-step*.safetensors"))
         for old in steps[:-self.config.save_last_n]:
             old.unlink(missing_ok=True)
+
+    def evaluate(self, step: int, epoch: int, log: EventLog, models_dir: Path, stop: threading.Event | None,
+                 world: int) -> None:
+        """evaluate_every_save: the checkpoint just saved, on this model (studio.evaluation.in_training).
+        A failed evaluation is reported and training goes on; Stop ends it and the run stops as usual."""
+        if not self.main:
+            return
+        name = f"{self.lora_name(step, step == self.plan.total_steps)}.safetensors"
+        path = self.run_dir / "loras" / name
+        if world > 1 or not path.is_file():
+            why = ("it runs in one process: evaluate after training (python -m studio evaluate RUN)" if world > 1
+                   else f"it needs a kohya LoRA file, and {self.config.network_type} is saved in peft's layout")
+            log.emit("message", step, epoch, text=f"no evaluation at step {step}: {why}")
+            return
+        from studio.evaluation.in_training import evaluate_saved
+        from studio.evaluation.report import verdict_lines
+
+        shown = []
+
+        def report(fraction, message):  # each image set once, for the job's status; not in events.jsonl
+            stage = (message or "").split(" · ")[0]
+            if log.on_event is not None and stage and stage not in shown:
+                shown.append(stage)
+                log.on_event(TrainEvent("message", step, epoch, {"text": f"evaluating {stage}"}))
+
+        try:
+            result = evaluate_saved(self.model, self.source, self.run_dir, path, models_dir, report=report, stop=stop)
+        except StudioError as exc:
+            log.emit("message", step, epoch, text=f"evaluation of {name} failed: {exc}")
+            return
+        if result.stopped:
+            log.emit("message", step, epoch, text=f"evaluation of {name} stopped")
+            return
+        entry = next(c for c in result.data["checkpoints"] if c["file"] == name)
+        log.emit("message", step, epoch, text=f"evaluated {name}: " + "; ".join(verdict_lines(result.data)[:2]),
+                 evaluation={"file": name, "scores": {concept: {k: v[k] for k in ("fidelity", "bleed", "flexibility")}
+                                                      for concept, v in entry["scores"].items()}})
 
     def loras(self) -> list[Path]:
         folder = self.run_dir / "loras"
