@@ -284,16 +284,17 @@ def _metric(value) -> float | None:
 
 
 def _eval_rows(data) -> list[tuple[str, str, dict]]:
-    """(checkpoint, concept, metrics) from the shapes an evaluation may take: {"checkpoints":
-    {ckpt: {concept: metrics}}}, {"checkpoints": [{"checkpoint", "concepts": {..} | [..]}]},
-    {"rows": [{"checkpoint", "concept", ...}]}, or {ckpt: {concept: metrics}} at the top."""
+    """(checkpoint, concept, metrics) from the shapes an evaluation may take: studio.evaluation's
+    {"checkpoints": [{"file", "scores": {concept: metrics}}]} (or "checkpoint"/"name" and "concepts"
+    as a dict or a list), {"checkpoints": {ckpt: {concept: metrics}}}, {"rows": [{"checkpoint",
+    "concept", ...}]}, or {"<ckpt>.safetensors": {concept: metrics}} at the top."""
     flat = data.get("rows") or data.get("results") or data.get("table")
     if isinstance(flat, list):
         return [(str(r.get("checkpoint")), str(r.get("concept")), r) for r in flat
                 if isinstance(r, dict) and r.get("checkpoint") and r.get("concept")]
-    table = data.get("checkpoints", {k: v for k, v in data.items() if k not in ("recommended", "not_learned")})
-    if isinstance(table, list):
-        table = {str(e.get("checkpoint") or e.get("name") or e.get("file")): e.get("concepts", {})
+    table = data.get("checkpoints", {k: v for k, v in data.items() if str(k).endswith(".safetensors")})
+    if isinstance(table, list):  # studio.evaluation writes [{"file", "step", "scores": {concept: {...}}, ...}]
+        table = {str(e.get("file") or e.get("checkpoint") or e.get("name")): e.get("scores", e.get("concepts", {}))
                  for e in table if isinstance(e, dict)}
     rows = []
     for ckpt, concepts in table.items() if isinstance(table, dict) else []:
@@ -485,8 +486,9 @@ def evaluation_section(summary: RunSummary) -> list[str]:
         mark = " (this one)" if evaluation.recommended == stem else ""
         lines += [f"Recommended checkpoint: **{_md(evaluation.recommended)}**{mark}.", ""]
     missed = not_learned_at(evaluation, stem)
-    if missed:
-        lines += [f"⚠ Not learned by this checkpoint: {_md(', '.join(missed))}.", ""]
+    if missed:  # a list: concepts no evaluated checkpoint learned; per checkpoint: this one's
+        where = "by this checkpoint" if isinstance(evaluation.not_learned, dict) else "by any evaluated checkpoint"
+        lines += [f"⚠ Not learned {where}: {_md(', '.join(missed))}.", ""]
     lines += ["| checkpoint | concept | fidelity | bleed | flexibility |", "|---|---|---|---|---|"]
     for row in sorted(evaluation.rows, key=lambda r: (r.checkpoint != stem, r.checkpoint, r.concept)):
         name = f"**{_md(row.checkpoint)}**" if row.checkpoint == stem else _md(row.checkpoint)

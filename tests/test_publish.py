@@ -317,6 +317,11 @@ def test_the_card_shows_concepts_and_the_evaluation_and_publishes_the_recommende
 
 
 @pytest.mark.parametrize("content", [
+    {"config": {"seeds": [1]}, "bounds": {"max_bleed": 0.2}, "base": {"scores": {"X": {"fidelity": 0.1}}, "images": []},
+     "checkpoints": [{"file": "a.safetensors", "step": 2, "version": 1, "images": [{"prompt": "x", "tags": []}],
+                      "scores": {"X": {"fidelity": 0.5, "fidelity_with_tags": 0.6, "bleed_raw": 0.3, "bleed": 0.1,
+                                       "flexibility": 1, "images": 4}}}],
+     "recommended": "a.safetensors", "recommended_step": 2, "not_learned": [], "notes": []},
     {"checkpoints": [{"checkpoint": "a.safetensors", "concepts": [{"concept": "X", "fidelity": 0.5, "bleed": 0.1,
                                                                    "flexibility": 1}]}], "recommended": "a"},
     {"rows": [{"checkpoint": "runs/r/loras/a.safetensors", "concept": "X", "fidelity": 0.5, "bleed": [0.1, 0.05],
