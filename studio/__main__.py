@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from studio import cli_publish
 
     cli_publish.add_parser(commands)
+    from studio import cli_evaluate
+
+    cli_evaluate.add_parser(commands)
     return parser
 
 
@@ -429,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
             from studio import cli_publish
 
             return cli_publish.run(args)
+        if args.command == "evaluate":
+            from studio import cli_evaluate
+
+            return cli_evaluate.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
