@@ -25,6 +25,7 @@ from studio.ui import train_view as view
 from studio.ui.caption_form import dataset_choices, dataset_path
 from studio.ui.forms import LORA_SLOTS, as_dict, check_text, errors_in_status, named_parameters
 from studio.ui.generate_tab import GenerateTab, lora_choices
+from studio.ui.publish_view import build_publish_panel, wire_publish_panel
 
 JOB_NAME = "train"  # studio.training.job.JOB_NAME, without importing the engine at app start
 REFRESH_SECONDS = 1.0
@@ -54,6 +55,7 @@ def build(ctx: AppContext) -> TrainTab:
                 tab.components["preset_save"] = gr.Button("Save", scale=1, min_width=70)
         with gr.Column(scale=3, min_width=480):
             _build_monitor(tab.components)
+            tab.components["publish"] = build_publish_panel(ctx, run=tab.components["run"])
     c = tab.components
     c["seen"] = gr.State(None)  # what this page shows already (see refresh)
     c["timer"] = gr.Timer(REFRESH_SECONDS)
@@ -561,6 +563,7 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
     c["queue_timer"] = gr.Timer(REFRESH_SECONDS * 2)
     c["queue_timer"].tick(partial(on_queue_refresh, ctx), inputs=c["queue_pick"], outputs=queue_outputs,
                           api_visibility="private", queue=False, show_progress="hidden")
+    wire_publish_panel(ctx, c["publish"])
     _wire_api(ctx, c)
 
 
