@@ -3,13 +3,16 @@ the Train tab's Evaluate and /evaluate), with a progress bar; the per concept x 
 the recommended checkpoint and the concepts that did not learn are printed at the end.
 
 Exit codes: 0 done (or nothing left to do), 1 the evaluation failed, 2 bad arguments, 130 stopped
-with Ctrl-C (the checkpoints finished before it are kept in RUN/evaluation/evaluation.json)."""
+with Ctrl-C (the checkpoints finished before it are kept in RUN/evaluation/evaluation.json; a
+second Ctrl-C ends at once)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 INTERRUPTED = 130
@@ -60,6 +63,20 @@ def run_folder(value: Path, workspace: Path) -> Path:
     raise ConfigError(f"{value} is not a training run folder (no config.toml there, nor in {Path(workspace) / 'runs'})")
 
 
+@contextmanager
+def ctrl_c(handler):
+    """SIGINT calls `handler` for the block (in the main thread; elsewhere Ctrl-C is left alone)."""
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -78,21 +95,27 @@ def run(args: argparse.Namespace) -> int:
                 bar.n = round(fraction * 100, 1)
             bar.set_description_str(message)
 
+        finished = threading.Event()
+
         def work():
             try:
                 outcome["result"] = evaluate(manager, run_dir, config, resolver=Resolver.command_line(args.workspace),
                                              report=report, stop=stop)
             except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
                 outcome["error"] = exc
+            finally:
+                finished.set()
 
-        worker = threading.Thread(target=work, name="evaluate", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            try:
-                worker.join(0.2)
-            except KeyboardInterrupt:
-                stop.set()
-                bar.write("stopping at the next step (the finished checkpoints are kept)...")
+        def on_ctrl_c(signum, frame):  # the first Ctrl-C stops at the next step; a second one ends at once
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+            bar.write("stopping at the next step (the finished checkpoints are kept)...")
+
+        threading.Thread(target=work, name="evaluate", daemon=True).start()
+        with ctrl_c(on_ctrl_c):
+            while not finished.wait(0.2):
+                pass
     if "error" in outcome:
         raise outcome["error"]
     return print_result(outcome["result"])

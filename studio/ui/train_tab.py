@@ -20,6 +20,7 @@ import gradio as gr
 from studio.context import AppContext
 from studio.errors import ConfigError, StudioError
 from studio.jobs import Job
+from studio.ui import evaluation_view
 from studio.ui import train_form as form
 from studio.ui import train_view as view
 from studio.ui.caption_form import dataset_choices, dataset_path
@@ -89,6 +90,7 @@ def _build_monitor(c: dict) -> None:
                                      label="Loss: raw (light), smoothed (dark), validation (orange)")
         c["lr_plot"] = gr.LinePlot(x="step", y="learning rate", label="Learning rate", height=260,
                                    y_axis_format=".1e", elem_id="train-lr")
+    evaluation_view.build(c)  # checkpoint evaluation: its table and plot under the loss plot
     c["samples"] = gr.Gallery(label="Samples (newest first)", columns=5, fit_columns=False, height=260,
                               object_fit="contain", format="png", elem_id="train-samples")
     c["checkpoints"] = gr.CheckboxGroup([], label="Checkpoints (the run's loras/)", elem_id="train-checkpoints",
@@ -564,6 +566,7 @@ def wire(ctx: AppContext, tab: TrainTab, generate: GenerateTab, tabs: gr.Tabs) -
     c["queue_timer"].tick(partial(on_queue_refresh, ctx), inputs=c["queue_pick"], outputs=queue_outputs,
                           api_visibility="private", queue=False, show_progress="hidden")
     wire_publish_panel(ctx, c["publish"])
+    evaluation_view.wire(ctx, c)
     _wire_api(ctx, c)
 
 
