@@ -9,7 +9,8 @@ scored (scoring.py). What it writes, in RUN/evaluation/:
 - `images/base/`, `images/<checkpoint>/`: the PNGs, with A1111 infotext (they reproduce in Generate).
 
 An evaluation made with the same config continues: the base model's set and the checkpoints done
-(same file size and time) are skipped; other bounds only re-score. Another config starts over.
+(same file size and time) are skipped; other bounds only re-score. Another config starts over, and
+the earlier evaluation is moved to RUN/evaluation-previous/ (one generation is kept).
 
 `evaluate()` runs it in the app or the CLI: it holds the manager's GPU lane, loads the run's base
 model and the tagger through the manager and applies each checkpoint as a LoRA (its file, as
@@ -40,10 +41,11 @@ Report = Callable[[float | None, str], None]
 
 EVALUATION_DIR = "evaluation"
 EVALUATION_FILE = "evaluation.json"
+PREVIOUS_DIR = "evaluation-previous"  # an evaluation made with other settings, moved aside by a new one
 FORMAT_VERSION = 1
 BASE = "base"
 MAX_CHECKPOINTS = 64
-MAX_IMAGES_PER_SET = 600  # prompts x seeds on one model: 30 concepts x 6 prompts x 3 seeds fit
+MAX_IMAGES_PER_SET = 1300  # prompts x seeds on one model: one seed always fits (200 concepts, 1203 prompts)
 MAX_SEEDS = 8
 # Image settings when the config leaves them out: the model's own recommended ones (the catalog's),
 # else its family's; the demo models' tiny random weights make noise at any size, so the smallest.
@@ -298,15 +300,22 @@ def evaluate_sets(run_dir: Path, settings: dict, bounds: Bounds, checkpoints: Se
 
 def _continued(folder: Path, settings: dict) -> dict:
     """The evaluation so far when it was made with these settings, else a fresh one."""
+    import shutil
+
     previous = read_evaluation(folder.parent) if (folder / EVALUATION_FILE).is_file() else None
     if previous is not None and previous.get("config") == settings:
         return previous
+    if previous is not None:  # made with other settings: kept aside (one generation), not mixed in
+        aside = folder.with_name(PREVIOUS_DIR)
+        if aside.is_symlink() or aside.is_file():
+            aside.unlink()
+        elif aside.is_dir():
+            shutil.rmtree(aside)
+        folder.rename(aside)
     images = folder / "images"
     if images.is_symlink():
         images.unlink()
-    elif images.is_dir():  # made with other settings: they would only mislead
-        import shutil
-
+    elif images.is_dir():  # what an attempt stopped before its first set left
         shutil.rmtree(images)
     return {"config": settings, "bounds": None, "base": None, "checkpoints": [], "recommended": None,
             "not_learned": [], "notes": []}
