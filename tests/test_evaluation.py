@@ -307,6 +307,33 @@ def test_cli_exit_codes_for_bad_arguments_and_failures(tmp_path, capsys):
     assert "offline" in capsys.readouterr().err
 
 
+def test_the_table_plot_and_verdict_read_an_evaluation():
+    from studio.evaluation.report import plot_rows, table, verdict_lines
+    from studio.ui.evaluation_view import frames, series_colors
+
+    scores = {"alice": {"fidelity": 0.75, "bleed": 0.1, "flexibility": 0.5}, "bob": {"fidelity": None, "bleed": None,
+                                                                                       "flexibility": 1.0}}
+    data = {"config": {"concepts": [{"name": "alice"}, {"name": "bob"}]},
+            "base": {"scores": {"alice": {"fidelity": 0.0, "bleed": 0.0, "flexibility": 0.5}}},
+            "checkpoints": [{"file": "r-step00000010.safetensors", "step": 10, "scores": scores},
+                            {"file": "r.safetensors", "step": 20, "scores": scores, "missing": True}],
+            "recommended": "r-step00000010.safetensors", "recommended_step": 10, "not_learned": ["bob"],
+            "bounds": {"max_bleed": 0.25, "min_flexibility": 0.5, "min_fidelity": 0.5}, "notes": ["a note"]}
+    headers, rows = table(data)
+    assert headers == ["concept", "score", "base", "step 10", "final (step 20) (pruned)"]
+    assert rows[0] == ["alice", "fidelity", "0.00", "0.75", "0.75"] and rows[1][2] == "–", "the base's bleed is the reference"
+    assert rows[3] == ["bob", "fidelity", "–", "–", "–"]
+    assert plot_rows(data) == [(10, 0.75, "fidelity · alice"), (10, 0.1, "bleed · alice"),
+                               (20, 0.75, "fidelity · alice"), (20, 0.1, "bleed · alice")]
+    assert verdict_lines(data)[:2] == ["Recommended checkpoint: r-step00000010.safetensors (step 10)",
+                                       "Did not learn: bob"] and verdict_lines(data)[-1] == "note: a note"
+    colors = series_colors(["fidelity · alice", "bleed · alice", "fidelity · bob"])
+    assert colors["fidelity · alice"] != colors["bleed · alice"] and colors["fidelity · bob"] != colors["fidelity · alice"]
+    plot, frame, verdict = frames(None)
+    assert plot.value is None, "no points: no frame (an empty one stops the browser plot drawing later lines)"
+    assert verdict.startswith("Not evaluated yet") and list(frame.columns) == ["concept", "score", "base"]
+
+
 def test_an_unreadable_evaluation_file_is_named(tmp_path):
     (tmp_path / "evaluation").mkdir()
     (tmp_path / "evaluation" / EVALUATION_FILE).write_text("{torn")

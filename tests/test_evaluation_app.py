@@ -115,8 +115,9 @@ def test_the_evaluate_panel_evaluates_shows_table_plot_and_verdict_and_stops(ser
         assert "step 3" in table and "alice" in table and "bob" in table and "flexibility" in table
         assert "Recommended checkpoint" in page.locator("#eval-verdict").inner_text()
         assert "Did not learn" in page.locator("#eval-verdict").inner_text()
-        page.wait_for_function("document.querySelectorAll('#eval-plot svg path[aria-roledescription=\"line mark\"]')"
-                               ".length > 0", timeout=30_000)
+        # a line per concept and score, each with its color (the panel showed an empty plot before)
+        page.wait_for_function("Array.from(document.querySelectorAll('#eval-plot svg path[aria-roledescription="
+                               "\"line mark\"]')).filter(p => p.getAttribute('stroke')).length === 4", timeout=30_000)
         page.locator("#eval-box").screenshot(path=str(tmp_path / "evaluate.png"))
 
         page.locator("#eval-run input").click()  # another run: Stop while it evaluates

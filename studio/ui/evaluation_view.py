@@ -55,7 +55,8 @@ def build(c: dict) -> None:
         c["eval_status"] = gr.Markdown("", elem_id="eval-status")
         c["eval_verdict"] = gr.Markdown("", elem_id="eval-verdict")
         c["eval_plot"] = gr.LinePlot(x="step", y="score", color="series", height=320, y_lim=[-0.05, 1.05],
-                                     label="Fidelity and bleed by step", elem_id="eval-plot")
+                                     y_title="fidelity (cool) · bleed (warm)", label="Fidelity and bleed by step",
+                                     show_label=False, elem_id="eval-plot")  # a label would push the legend out
         c["eval_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="eval-table",
                                        label="Per concept and checkpoint (bleed: over the base model)")
     c["eval_timer"] = gr.Timer(POLL_SECONDS, active=False)
@@ -183,8 +184,21 @@ def _stamp(run_dir: Path | None):
     return (run_dir.name, path.stat().st_mtime_ns if path.is_file() else 0)
 
 
-def frames(data: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """The plot frame, the table frame and the verdict (markdown) of an evaluation."""
+FIDELITY_COLORS = ("#1d4ed8", "#047857", "#7c3aed", "#0e7490", "#4d7c0f", "#be185d", "#1e40af", "#065f46")
+BLEED_COLORS = ("#f97316", "#dc2626", "#d97706", "#e11d48", "#ea580c", "#b91c1c", "#c2410c", "#9f1239")
+
+
+def series_colors(series: list[str]) -> dict[str, str]:
+    """A color per series: fidelity lines cool, bleed lines warm, a concept's two in the same place
+    of each palette. The plot is sent with its colors each time: the browser fixes the series of a
+    plot at the first frame it draws, and lines of series it did not know then get no color."""
+    names = list(dict.fromkeys(s.split(" · ", 1)[-1] for s in series))
+    return {s: (BLEED_COLORS if s.startswith("bleed") else FIDELITY_COLORS)[names.index(s.split(" · ", 1)[-1]) % 8]
+            for s in series}
+
+
+def frames(data: dict | None) -> tuple[gr.LinePlot, pd.DataFrame, str]:
+    """The plot, the table frame and the verdict (markdown) of an evaluation."""
     from studio.evaluation.report import plot_rows, table, verdict_lines
 
     plot = pd.DataFrame(plot_rows(data), columns=["step", "score", "series"])
@@ -192,7 +206,10 @@ def frames(data: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     headers, rows = table(data)
     lines = verdict_lines(data)
     verdict = "  \n".join([f"**{lines[0]}**", *lines[1:]]) if data else "Not evaluated yet: press Evaluate."
-    return plot, pd.DataFrame(rows, columns=headers), verdict
+    colors = series_colors(list(dict.fromkeys(plot["series"])))
+    # no points: no frame at all (after an empty frame the browser's plot draws no later line)
+    shown = gr.LinePlot(value=plot if len(plot) else None, color_map=colors or None)
+    return shown, pd.DataFrame(rows, columns=headers), verdict
 
 
 def view(ctx, run: str | None, seen) -> dict:
