@@ -159,6 +159,32 @@ def test_evaluation_at_each_save_equals_the_evaluation_afterwards_and_leaves_tra
 
 
 @pytest.mark.slow
+def test_anima_runs_are_evaluated_the_same_during_training_and_afterwards(tmp_path):
+    from studio.models.demo_anima import ensure_demo_anima
+    from studio.models.devices import DeviceInfo
+    from studio.models.manager import ModelManager
+
+    ws = workspace_with_models(tmp_path / "ws", ensure_demo_anima(tmp_path / "models").parent)
+    run_dir = train_run(ws, "an", pretrained_model="demo-anima", caption_scheme="mixed", max_train_steps=2,
+                        save_every_n_steps=0, evaluate_every_save=True)
+    during = read_evaluation(run_dir)
+    assert [c["file"] for c in during["checkpoints"]] == ["an.safetensors"]
+    assert (during["config"]["family"], during["config"]["sampler"]) == ("anima", "Euler")
+    copy = copy_run(run_dir, "an-after")  # the base set kept, the checkpoint drawn again from its file
+    shutil.copytree(run_dir / "evaluation", copy / "evaluation")
+    (copy / "evaluation" / EVALUATION_FILE).write_text(json.dumps({**during, "checkpoints": []}))
+    manager = ModelManager(ws / "models", requested_policy="cpu", device=DeviceInfo("cpu", "CPU"))
+    after = evaluate(manager, copy, EvaluationConfig(), resolver=Resolver(ws))
+    assert after.evaluated == ["an.safetensors"]
+    theirs, ours = during["checkpoints"][0], after.data["checkpoints"][0]
+    assert theirs["scores"] == ours["scores"]
+    for a, b in zip(theirs["images"], ours["images"]):
+        pixels = [np.asarray(Image.open(root / "evaluation" / i["file"]), dtype=np.int16)
+                  for root, i in ((run_dir, a), (copy, b))]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+
+
+@pytest.mark.slow
 def test_the_cli_prints_the_table_and_ctrl_c_stops_keeping_what_was_finished(trained, ws):
     from studio.__main__ import main
 
