@@ -145,7 +145,7 @@ def chosen_checkpoints(run_dir: Path, names: Sequence[str], allowed: Callable[[P
         raise ConfigError(f"{Path(run_dir).name} has no checkpoint {missing[0]!r} in loras/ (it has: {listed})")
     chosen = [by_name[n] for n in names] if names else available
     for checkpoint in chosen:
-        if checkpoint.path.is_symlink() or not allowed(checkpoint.path):
+        if not allowed(checkpoint.path):
             raise ConfigError(f"{checkpoint.file} is not usable: a checkpoint must be a file of the run's loras/ "
                               "folder, not a link out of the workspace")
     return sorted(chosen, key=lambda c: (c.step, c.file))
@@ -460,9 +460,11 @@ def evaluate(manager, run_dir: Path, config: EvaluationConfig, *, resolver, defa
     run_config = read_run_config(run_dir)
     concepts = run_concepts(run_dir)
     folder = evaluation_dir(run_dir)
-    if folder.is_symlink() or (folder.exists() and not resolver.allowed(folder)):
+    if not resolver.owner and (folder.is_symlink() or (folder.exists() and not resolver.allowed(folder))):
         raise ConfigError(f"{folder} is a link out of the workspace: the evaluation writes only inside the run")
-    checkpoints = chosen_checkpoints(run_dir, config.checkpoints, resolver.allowed)
+    # a request's checkpoints are files of the run, never links; the command line's may be anything
+    checkpoints = chosen_checkpoints(run_dir, config.checkpoints,
+                                     lambda path: resolver.owner or (not path.is_symlink() and resolver.allowed(path)))
     model = resolver.model(run_config.pretrained_model, manager.catalog, "base model")
     vae = resolver.model(run_config.vae, (), "VAE") or None
     source = manager.resolve(model, vae=vae)
