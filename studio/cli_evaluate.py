@@ -20,7 +20,10 @@ INTERRUPTED = 130
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     ev = subparsers.add_parser("evaluate", help="score a run's checkpoints per concept (fidelity, bleed, flexibility)",
-                               description=__doc__.splitlines()[0])
+                               description="Score each checkpoint of a training run per concept: fidelity, bleed "
+                                           "over the base model, flexibility; name the recommended checkpoint and "
+                                           "the concepts that did not learn. Exit codes: 0 done, 1 failed, 2 bad "
+                                           "arguments, 130 stopped with Ctrl-C (finished checkpoints are kept).")
     ev.add_argument("run", type=Path, help="the run folder (or its name in WORKSPACE/runs)")
     ev.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                     help="a LoRA file of RUN/loras to evaluate (repeatable; default: all of them)")
