@@ -154,6 +154,7 @@ def test_anima_presets_are_valid_configs():
     assert character.mixed_captions.tag_dropout == 0.3
     # the multi-character recipe: names survive dropout, concepts get equal shares, the adapter trains
     assert character.mixed_captions.protect_concepts and character.balance_concepts and character.train_llm_adapter
+    assert character.evaluate_every_save
 
 
 def test_qwen3_text_encoder_training_has_its_own_lr_and_is_exported(dataset, tmp_path, models_dir, monkeypatch):

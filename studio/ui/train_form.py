@@ -32,14 +32,15 @@ TRAIN_FIELDS: tuple[str, ...] = (
     "cache_latents", "cache_text_encoder_outputs", "flip_aug", "max_token_length", "caption_scheme",
     *(f"mixed_{key}" for key in MIXED_KEYS),
     "validation_images", "validate_every_n_steps", "save_every_n_steps", "save_every_n_epochs", "save_last_n",
-    "sample_prompts", "sample_every_n_steps", "sample_steps", "sample_size", "seed",
+    "sample_prompts", "sample_every_n_steps", "sample_steps", "sample_size", "evaluate_every_save", "seed",
 )
 # What a preset fills in: everything but the dataset choice and the run's name.
 PRESET_FIELDS = tuple(n for n in TRAIN_FIELDS if n not in ("datasets", "num_repeats", "preset", "output_name"))
 _TEXT_FIELDS = ("resolution", "sample_prompts", "sample_size")
 _PLAIN_FIELDS = {"pretrained_model", "output_name", "network_type", "network_target", "optimizer_type", "lr_scheduler",
                  "mixed_precision", "caption_scheme", "shuffle_caption", "gradient_checkpointing", "fp8_base",
-                 "torch_compile", "cache_latents", "cache_text_encoder_outputs", "flip_aug", "balance_concepts"}
+                 "torch_compile", "cache_latents", "cache_text_encoder_outputs", "flip_aug", "balance_concepts",
+                 "evaluate_every_save"}
 _FLOAT_FIELDS = {"network_alpha", "learning_rate", "caption_tag_dropout_rate", "lr_cycle_decay", "min_lr_ratio",
                  "weight_decay", "noise_offset", "min_snr_gamma", *(f"mixed_{k}" for k in MIXED_KEYS[:5])}
 
@@ -266,6 +267,9 @@ def build_advanced(f: dict, c: dict, d: dict) -> None:
                                               minimum=0, info="0: at the end only")
         f["sample_steps"] = gr.Number(d["sample_steps"], label="Sample steps", precision=0, minimum=1)
         f["sample_size"] = gr.Textbox(d["sample_size"], label="Sample size", info="WIDTHxHEIGHT")
+        f["evaluate_every_save"] = gr.Checkbox(d["evaluate_every_save"], label="Evaluate each save",
+                                               info="per concept: fidelity, bleed, flexibility",
+                                               elem_id="train-evaluate-every-save")
         f["seed"] = gr.Number(d["seed"], label="Seed", precision=0, minimum=0)
 
 
