@@ -477,4 +477,6 @@ def test_the_button_uses_the_signed_in_users_token_where_strangers_reach(panel_s
     from studio.ui.publish_view import checkpoint_choices
 
     choices = checkpoint_choices(ctx, "mychar-run").choices
-    assert [value for _, value in choices] == ["", "mychar-step00000002.safetensors", "mychar.safetensors"]
+    assert [value for _, value in choices] == ["(default)", "mychar-step00000002.safetensors", "mychar.safetensors"]
+    form = ("mychar-run", "(default)", "bob/signed-in", True, "", "", False, False)  # the default entry: no file named
+    assert list(handler(*form, gr.OAuthToken(token=BOB, scope="write-repos", expires_at=0)))[-1].startswith("✓")

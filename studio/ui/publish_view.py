@@ -28,7 +28,10 @@ from studio.ui.forms import check_text
 
 JOB_NAME = "publish"
 POLL_SECONDS = 0.25
-DEFAULT_CHECKPOINT = ("default: the evaluation's recommended one, else the final one", "")
+# the dropdown's default entry: a value of its own (Gradio refuses "" as a dropdown value once its
+# choices were updated in the page), read as "no checkpoint named" by the handler
+DEFAULT_VALUE = "(default)"
+DEFAULT_CHECKPOINT = ("default: the evaluation's recommended one, else the final one", DEFAULT_VALUE)
 FIELDS = ("run", "checkpoint", "repo_id", "private", "license", "token", "dry_run", "civitai")
 INTRO = ("From the chosen checkpoint: a Hugging Face model repository with the LoRA, a model card (trigger words, "
          "concepts, training settings, the evaluation) and the samples, in **one commit** (a failed upload publishes "
@@ -51,7 +54,7 @@ def build_publish_panel(ctx: AppContext, run: gr.Dropdown | None = None) -> Publ
     with gr.Accordion("Publish", open=False, elem_id="publish-box") as c["box"]:
         gr.Markdown(INTRO)
         c["run"] = run if run is not None else gr.Dropdown(run_choices(ctx), label="Run", elem_id="publish-run")
-        c["checkpoint"] = gr.Dropdown([DEFAULT_CHECKPOINT], value="", label="Checkpoint", elem_id="publish-checkpoint")
+        c["checkpoint"] = gr.Dropdown([DEFAULT_CHECKPOINT], value=DEFAULT_VALUE, label="Checkpoint", elem_id="publish-checkpoint")
         with gr.Row():
             c["repo_id"] = gr.Textbox(label="Repository (OWNER/NAME)", placeholder="your-name/my-character-lora",
                                       scale=3, elem_id="publish-repo")
@@ -83,8 +86,8 @@ def checkpoint_choices(ctx: AppContext, run: str | None):
     try:
         run_dir = view.run_folder(ctx.settings.runs_dir, run)
     except StudioError:
-        return gr.Dropdown(choices=[DEFAULT_CHECKPOINT], value="")
-    return gr.Dropdown(choices=[DEFAULT_CHECKPOINT, *view.checkpoints(run_dir)], value="")
+        return gr.Dropdown(choices=[DEFAULT_CHECKPOINT], value=DEFAULT_VALUE)
+    return gr.Dropdown(choices=[DEFAULT_CHECKPOINT, *view.checkpoints(run_dir)], value=DEFAULT_VALUE)
 
 
 # -- the work ----------------------------------------------------------------------------------------
@@ -138,6 +141,7 @@ def on_publish(ctx: AppContext):
 
     def handler(run: str | None, checkpoint: str | None, repo_id: str | None, private: bool, license: str | None,
                 token: str | None, dry_run: bool, civitai: bool, oauth: gr.OAuthToken | None) -> Iterator[str]:
+        checkpoint = "" if checkpoint == DEFAULT_VALUE else checkpoint
         values = dict(zip(FIELDS, (run, checkpoint, repo_id, private, license, token, dry_run, civitai)))
         try:
             job = start_publish(ctx, values, _token(token, oauth))
@@ -155,6 +159,7 @@ def api_publish(ctx: AppContext):
     def publish(run: str, checkpoint: str | None = None, repo_id: str | None = None, private: bool | None = None,
                 license: str | None = None, token: str | None = None, dry_run: bool | None = None,
                 civitai: bool | None = None, oauth: gr.OAuthToken | None = None):
+        checkpoint = "" if checkpoint == DEFAULT_VALUE else checkpoint
         values = dict(zip(FIELDS, (run, checkpoint, repo_id, private, license, token, dry_run, civitai)))
         try:
             job = start_publish(ctx, values, _token(token, oauth))
@@ -176,7 +181,8 @@ def wire_publish_panel(ctx: AppContext, panel: PublishPanel) -> None:
 
     def on_open(run):
         choices = checkpoint_choices(ctx, run)
-        return [choices] if not panel.own_run else [gr.Dropdown(choices=run_choices(ctx)), choices]
+        # one output takes the update itself (a list would become the dropdown's value)
+        return choices if not panel.own_run else (gr.Dropdown(choices=run_choices(ctx)), choices)
 
     c["box"].expand(on_open, inputs=c["run"], outputs=refresh, api_visibility="private", queue=False,
                     show_progress="hidden")

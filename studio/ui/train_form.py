@@ -167,10 +167,10 @@ def build_essentials(ctx: AppContext, f: dict, c: dict, d: dict, preset: str) ->
                                     scale=4, elem_id="train-datasets")
         f["num_repeats"] = gr.Number(0, label="Repeats", precision=0, minimum=0, scale=1, min_width=90,
                                      info="0: as the folders say")
-        f["balance_concepts"] = gr.Checkbox(d["balance_concepts"], label="Balance concepts", scale=1, min_width=130,
-                                            info="each concept its share of an epoch (Caption tab: Concepts)",
-                                            elem_id="train-balance")
         c["datasets_refresh"] = gr.Button("↻", size="sm", scale=0, min_width=40, elem_id="train-datasets-refresh")
+    f["balance_concepts"] = gr.Checkbox(d["balance_concepts"], label="Balance concepts",
+                                        info="give each concept its share of an epoch (equal unless the Caption "
+                                             "tab's concept list sets one)", elem_id="train-balance")
     c["summary"] = gr.Markdown("Choose a dataset to see its images, buckets and steps.", elem_id="train-summary")
     with gr.Row():
         c["plan_button"] = gr.Button("Plan memory", scale=1, min_width=120, elem_id="train-plan-button")
