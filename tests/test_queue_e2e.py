@@ -44,6 +44,7 @@ def wait_for(client, done, timeout=300):
     return states
 
 
+@pytest.mark.slow  # ~15-20 s: run by .ci/run's second command (-m "slow or full_size")
 def test_the_queue_survives_a_restart_and_passes_over_a_failed_run(server):
     from gradio_client import Client
 

@@ -117,6 +117,7 @@ def test_captioning_runs_as_gpu_calls_per_batch(zerogpu):
         assert (dataset / f"{i}.txt").read_text().startswith("mychar, "), summary
 
 
+@pytest.mark.slow  # ~15-20 s: run by .ci/run's second command (-m "slow or full_size")
 def test_a_dedicated_gpu_space_starts_the_same_way_and_trains(tmp_path):
     import time
 
