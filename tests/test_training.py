@@ -271,3 +271,12 @@ def test_the_last_step_is_sampled_once_also_across_a_resume(dataset, tmp_path, d
     run(config, tmp_path, demo_models_dir, "split", stop_after=2)
     resumed = run(config, tmp_path, demo_models_dir, "split", resume=True)
     assert [e["step"] for e in read_events(resumed.run_dir) if e["kind"] == "sample"] == [2, 4]
+
+
+def test_runs_of_different_precisions_train_one_after_another_in_one_process(dataset, tmp_path, demo_models_dir):
+    """The app trains run after run in one process: a bf16 run after an fp32 one (and back) must not
+    trip accelerate's one-precision-per-process state (this CPU trains bf16 where it has AVX512-BF16)."""
+    for index, precision in enumerate(("no", "bf16", "no")):
+        result = run(fast_config(dataset, max_train_steps=1, mixed_precision=precision), tmp_path,
+                     demo_models_dir, name=f"run{index}")
+        assert result.status == "done", (precision, result.message)

@@ -53,6 +53,7 @@ def test_listens_on_every_interface_with_gpu_functions_reported_at_startup(zerog
     assert "/startup-report" in api.paths(), "no GPU function existed when the app launched"
 
 
+@pytest.mark.slow  # ~20 s: run by .ci/run's second command (-m "slow or full_size")
 def test_generate_runs_in_a_gpu_call_and_larger_requests_ask_for_longer(zerogpu):
     server, api = zerogpu
     client = client_for(server)

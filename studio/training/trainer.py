@@ -58,6 +58,13 @@ def _accelerator(config: TrainConfig):
 
         enable_tf32()
     precision = config.mixed_precision if cuda else cpu_precision(config.mixed_precision)
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        # accelerate keeps one precision per process; the app trains run after run in one process.
+        # Only the precision state is dropped: the process group (PartialState) stays as it is.
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     return accelerator, precision
