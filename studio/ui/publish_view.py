@@ -136,17 +136,24 @@ def _token(typed: str | None, oauth) -> str | None:
     return oauth.token if oauth is not None else None
 
 
+def _start(ctx: AppContext, form: tuple, oauth) -> Job:
+    """The button's and the API's common start: the form's values (FIELDS order), the dropdown's
+    default entry read as no checkpoint named, the typed token else the sign-in's."""
+    values = dict(zip(FIELDS, form))
+    if values["checkpoint"] == DEFAULT_VALUE:
+        values["checkpoint"] = ""
+    try:
+        return start_publish(ctx, values, _token(values["token"], oauth))
+    except StudioError as exc:
+        raise gr.Error(str(exc)) from None
+
+
 def on_publish(ctx: AppContext):
     """The button's handler: streams the status line."""
 
     def handler(run: str | None, checkpoint: str | None, repo_id: str | None, private: bool, license: str | None,
                 token: str | None, dry_run: bool, civitai: bool, oauth: gr.OAuthToken | None) -> Iterator[str]:
-        checkpoint = "" if checkpoint == DEFAULT_VALUE else checkpoint
-        values = dict(zip(FIELDS, (run, checkpoint, repo_id, private, license, token, dry_run, civitai)))
-        try:
-            job = start_publish(ctx, values, _token(token, oauth))
-        except StudioError as exc:
-            raise gr.Error(str(exc)) from None
+        job = _start(ctx, (run, checkpoint, repo_id, private, license, token, dry_run, civitai), oauth)
         for text, _ in follow(job):
             yield text
 
@@ -159,13 +166,7 @@ def api_publish(ctx: AppContext):
     def publish(run: str, checkpoint: str | None = None, repo_id: str | None = None, private: bool | None = None,
                 license: str | None = None, token: str | None = None, dry_run: bool | None = None,
                 civitai: bool | None = None, oauth: gr.OAuthToken | None = None):
-        checkpoint = "" if checkpoint == DEFAULT_VALUE else checkpoint
-        values = dict(zip(FIELDS, (run, checkpoint, repo_id, private, license, token, dry_run, civitai)))
-        try:
-            job = start_publish(ctx, values, _token(token, oauth))
-        except StudioError as exc:
-            raise gr.Error(str(exc)) from None
-        yield from follow(job)
+        yield from follow(_start(ctx, (run, checkpoint, repo_id, private, license, token, dry_run, civitai), oauth))
 
     return publish
 
