@@ -80,6 +80,8 @@ def test_a_waiting_run_is_cancelled_and_never_trains(server):
 
 
 def test_add_to_queue_from_the_train_tab(server, browser):
+    from gradio_client import Client
+
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(server.url)
@@ -93,14 +95,18 @@ def test_add_to_queue_from_the_train_tab(server, browser):
         page.locator("#train-queue-add").click()
         page.get_by_text("Run queue").click()
         page.locator("#train-queue").get_by_text("from-the-tab").wait_for(timeout=30_000)
-        page.wait_for_timeout(3000)  # the queue table and its note refresh on their timer
-        if "Paused" in page.locator("#train-queue-msg").inner_text():  # by the Stop of the test before
+        # The Stop of the test before paused the queue. The note under the table refreshes on a timer, so
+        # the server's state decides whether to press Pause / continue, and the test waits for it to take.
+        client = Client(server.url, verbose=False, analytics_enabled=False)
+        if client.predict(api_name="/train_queue")["paused"]:
             page.locator("#train-queue-pause").click()
+            deadline = time.monotonic() + 30
+            while client.predict(api_name="/train_queue")["paused"]:
+                assert time.monotonic() < deadline, "Pause / continue did not continue the queue"
+                time.sleep(0.3)
         page.wait_for_function("/from-the-tab\\s+done/.test(document.querySelector('#train-queue')?.innerText)",
                                timeout=300_000)
     except Exception:
-        from gradio_client import Client
-
         page.screenshot(path=str(server.workspace / "queue-failure.png"), full_page=True)
         raise AssertionError(Client(server.url, verbose=False).predict(api_name="/train_queue")) from None
     finally:
