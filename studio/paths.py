@@ -24,6 +24,9 @@ from studio.errors import ConfigError
 from studio.fileio import inside
 from studio.models.catalog import HUB_ID
 
+MAX_NAME_BYTES = 255  # one file or folder name (ext4, NTFS, APFS)
+MAX_PATH_BYTES = 4096  # a whole path (Linux PATH_MAX)
+
 
 @dataclass(frozen=True)
 class Resolver:
@@ -54,6 +57,19 @@ class Resolver:
         return (bool(HUB_ID.match(value)) and ".." not in value.split("/")
                 and Path(value).suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
 
+    @staticmethod
+    def checked(value: str | None, what: str) -> str:
+        """`value` stripped, once it could be a path on this system at all: no NUL byte, no name in
+        it longer than the file system allows (the OS would refuse it with a bare OSError)."""
+        value = (value or "").strip()
+        if "\x00" in value:
+            raise ConfigError(f"{what} {value[:80]!r} contains a NUL character; no path or name can")
+        if len(value.encode()) > MAX_PATH_BYTES or any(len(part.encode()) > MAX_NAME_BYTES
+                                                       for part in value.split("/")):
+            raise ConfigError(f"{what} {value[:80]!r}... is too long for a path: at most {MAX_NAME_BYTES} bytes "
+                              f"a name, {MAX_PATH_BYTES} in all")
+        return value
+
     def refusal(self, what: str, value: str, hint: str) -> ConfigError:
         extra = " or a --model-dir folder" if self.model_dirs else ""
         return ConfigError(f"{what} {value!r} is not usable: {hint}. A path must lie inside the workspace "
@@ -63,7 +79,7 @@ class Resolver:
     def model(self, value: str | None, names=(), what: str = "model") -> str:
         """A model, VAE, tagger or VLM: a known name or a repo id unchanged, a path as its resolved
         absolute path. `names`: the names that need no path (the catalog, the known taggers)."""
-        value = (value or "").strip()
+        value = self.checked(value, what)
         if not value or value in names:
             return value
         local = self._local(value)
@@ -79,7 +95,7 @@ class Resolver:
 
     def file(self, value: str, search_dirs: list[Path], what: str) -> str:
         """A file such as a LoRA: a bare name found in one of `search_dirs`, or a path."""
-        value = (value or "").strip()
+        value = self.checked(value, what)
         path = Path(value).expanduser()
         if value and path.name == value:  # a bare file name: look in the usual folders first
             path = next((folder / value for folder in search_dirs if (folder / value).is_file()), None) \
@@ -93,7 +109,7 @@ class Resolver:
     def folder(self, value: str | None, search_dirs: list[Path], what: str) -> Path:
         """A folder the app writes into or reads whole (a dataset, a run): inside the workspace for
         a request, anywhere on the command line. It must exist."""
-        value = (value or "").strip()
+        value = self.checked(value, what)
         if not value:
             raise ConfigError(f"name a {what} folder")
         path = Path(value).expanduser()
@@ -108,6 +124,25 @@ class Resolver:
                 return candidate.resolve()
         where = f" in {search_dirs[0]}" if search_dirs and not self.owner else ""
         raise ConfigError(f"there is no {what} folder {value!r}{where}")
+
+    def run(self, value: str | None, runs_dir: Path) -> Path:
+        """A training run by its folder name in `runs_dir` (the Run lists' names): a folder there,
+        symlinks not leading out, with the config.toml that every run writes first."""
+        value = (value or "").strip()
+        shown = value if len(value) <= 120 else value[:120] + "..."
+        missing = ConfigError(f"there is no training run {shown!r} in {runs_dir}: pick one from the Run list")
+        try:
+            value = self.checked(value, "training run")
+        except ConfigError:
+            raise missing from None
+        path = runs_dir / value
+        if not value:
+            raise missing
+        if not inside(path, runs_dir):  # `..`, an absolute path, a link leading out: says nothing of existence
+            raise self.refusal("run", shown, f"name a training run in {runs_dir}")
+        if not (path / "config.toml").is_file():
+            raise missing
+        return path
 
     # -- whole configs --------------------------------------------------------------------------
     def train_config(self, config, catalog):

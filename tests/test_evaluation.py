@@ -256,8 +256,8 @@ def test_requests_name_only_runs_of_the_workspace(tmp_path):
     with pytest.raises(ConfigError, match="is not usable"):
         run_dir_for(ctx, None)  # the latest run is the link: refused like any other name
     for value, message in (("../../etc", "is not usable"), ("/etc", "is not usable"), ("link", "is not usable"),
-                           (str(outside), "is not usable"), ("../datasets/lookalike", "not a training run"),
-                           ("nope", "there is no run folder 'nope'"), ("x" * 5000, r"x\.\.\.")):
+                           (str(outside), "is not usable"), ("../datasets/lookalike", "is not usable"),
+                           ("nope", "there is no training run 'nope'"), ("x" * 5000, r"x\.\.\.")):
         with pytest.raises(ConfigError, match=message):
             run_dir_for(ctx, value)
 

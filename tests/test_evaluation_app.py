@@ -30,8 +30,8 @@ def test_evaluate_endpoint_refuses_bad_values_and_runs_outside_the_workspace(app
     for kwargs, message in (
         ({"run": "../../../etc"}, "run '../../../etc' is not usable"),
         ({"run": "/etc"}, "run '/etc' is not usable"),
-        ({"run": "no-such-run"}, "there is no run folder 'no-such-run'"),
-        ({"run": "x" * 20_000}, "there is no run folder 'xxx"),
+        ({"run": "no-such-run"}, "there is no training run 'no-such-run'"),
+        ({"run": "x" * 20_000}, "there is no training run 'xxx"),
         ({"seeds": 99}, "seeds: Input should be less than or equal to 8"),
         ({"seeds": "two"}, "seeds: expected a number"),
         ({"settings": {"width": 5000}}, "width: Input should be less than or equal to 2048"),

@@ -46,6 +46,22 @@ def test_a_request_outside_the_workspace_gets_one_message_for_every_kind(ws, val
         assert "exist" not in message and "no such" not in message.lower()
 
 
+@pytest.mark.parametrize("value, message", [("n" * 256, "too long for a path"), ("x/" + "n" * 300, "too long"),
+                                            ("x/" * 2100, "4096 in all"), ("a\x00b", "NUL character")],
+                         ids=["long-name", "long-part", "long-path", "nul"])
+@pytest.mark.parametrize("owner", [False, True])
+def test_a_value_no_file_system_could_hold_is_named_not_an_os_error(ws, value, message, owner):
+    """The OS refuses such names with a bare OSError (or ValueError) from exists() and resolve()."""
+    resolver = Resolver.command_line(ws) if owner else Resolver(ws)
+    for attempt in (lambda: resolver.folder(value, [ws / "datasets"], "dataset"),
+                    lambda: resolver.file(value, [ws / "loras"], "LoRA"),
+                    lambda: resolver.model(value, (), "model")):
+        with pytest.raises(ConfigError, match=message):
+            attempt()
+    (ws / "datasets" / ("n" * 255)).mkdir(exist_ok=True)  # the longest name a file system holds is still a name
+    assert Resolver(ws).folder("n" * 255, [ws / "datasets"], "dataset").name == "n" * 255
+
+
 def test_symlinks_out_of_the_workspace_are_refused(ws):
     request = Resolver(ws)
     with pytest.raises(ConfigError, match="dataset 'linked' is not usable"):
@@ -112,3 +128,23 @@ def test_the_cli_records_absolute_paths_so_a_resume_from_another_folder_finds_th
     assert [e["step"] for e in read_events(tmp_path / "run") if e["kind"] == "step"] == [1, 2]
     assert main(["train", "cfg.toml", "--workspace", str(tmp_path / "ws")]) == 2
     assert "cfg.toml" in capsys.readouterr().err
+
+
+def test_a_run_is_a_folder_of_runs_with_its_config(ws):
+    runs = ws / "runs"
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "config.toml").write_text("")
+    (runs / "half").mkdir()  # no config.toml: not a run (a folder a crash left, a stray folder)
+    (runs / "out").symlink_to(ws / "datasets" / "mine", target_is_directory=True)
+    (ws / "datasets" / "mine" / "config.toml").write_text("")
+    request = Resolver(ws)
+    assert request.run("mine", runs) == runs / "mine"
+    for value, message in (("half", "there is no training run 'half'"), ("", "there is no training run ''"),
+                           ("n" * 300, r"n\.\.\.' in"), ("a\x00b", "there is no training run"),
+                           ("out", "run 'out' is not usable"), ("../datasets/mine", "is not usable"),
+                           (str(runs / "mine"), None)):
+        if message is None:  # the Run list's absolute path is a run of runs/ too
+            assert request.run(value, runs) == runs / "mine"
+            continue
+        with pytest.raises(ConfigError, match=message):
+            request.run(value, runs)

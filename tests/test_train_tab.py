@@ -216,7 +216,7 @@ def test_use_in_generate_copies_the_checkpoint_once_without_overwriting(ctx, tmp
     grid = tab.on_compare(ctx, "mychar-1", [], 4)
     assert grid[5] == "LoRA file" and grid[6] == ("mychar-1-mychar-step00000010.safetensors, "
                                                   "mychar-1-mychar (1).safetensors")
-    with pytest.raises(gr.Error, match="no training run '../x'"):
+    with pytest.raises(gr.Error, match="run '../x' is not usable"):
         tab.on_use(ctx, "../x", [], "", "", "", "")
 
 

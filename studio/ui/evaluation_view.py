@@ -19,7 +19,6 @@ import gradio as gr
 import pandas as pd
 
 from studio.errors import BusyError, ConfigError, StudioError
-from studio.fileio import inside
 from studio.ui.forms import check_text, named_parameters
 
 JOB_NAME = "evaluate"
@@ -84,16 +83,7 @@ def run_dir_for(ctx, run: str | None) -> Path:
         if not runs:
             raise ConfigError("there is no training run yet: train one first")
         run = runs[0].name
-    shown = run if len(run) <= 120 else run[:120] + "..."
-    if "\0" in run or len(run) > 1024 or any(len(part) > 255 for part in Path(run).parts):
-        raise ConfigError(f"there is no run folder {shown!r} in {runs_dir}")
-    try:
-        path = Resolver.for_settings(ctx.settings).folder(run, [runs_dir], "run")
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace(repr(run), repr(shown))) from None
-    if not inside(path, runs_dir) or not (path / "config.toml").is_file():
-        raise ConfigError(f"{shown!r} is not a training run of {runs_dir}: pick one from the Run list")
-    return path
+    return Resolver.for_settings(ctx.settings).run(run, runs_dir)
 
 
 def evaluation_config(seeds=None, settings: dict | None = None, checkpoints=None):

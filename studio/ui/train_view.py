@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from studio.errors import ConfigError
-from studio.fileio import atomic_path, inside
+from studio.fileio import atomic_path
+from studio.paths import Resolver
 from studio.training.config import TrainConfig
 
 # -- the dataset summary ---------------------------------------------------------------------------
@@ -102,8 +102,8 @@ def estimate_seconds(config: TrainConfig, total_steps: int, runs_dir: Path | Non
             per_unit = 1 / step["it_s"] / _work_per_step(previous)
             return total_steps * _work_per_step(config) * per_unit, f"at the speed of run {run.name}"
     return (total_steps * _work_per_step(config) * REFERENCE_SECONDS,
-            f"on a 24 GB GPU by a rule of thumb ({REFERENCE_SECONDS} s per 1024² image); the first run of this "
-            "model here measures the real speed")
+            (f"on a 24 GB GPU by a rule of thumb ({REFERENCE_SECONDS} s per 1024² image); the first run of this "
+            "model here measures the real speed"))
 
 
 def duration(seconds: float | None) -> str:
@@ -153,11 +153,8 @@ def list_runs(runs_dir: Path) -> list[Path]:
 
 
 def run_folder(runs_dir: Path, name: str | None) -> Path:
-    name = (name or "").strip()
-    path = runs_dir / name
-    if not name or not inside(path, runs_dir) or not (path / "config.toml").is_file():  # only runs_dir's runs
-        raise ConfigError(f"no training run {name!r} in {runs_dir}: pick one from the Run list")
-    return path
+    """A run of runs_dir by name (a request's value: through the Resolver)."""
+    return Resolver(runs_dir.parent).run(name, runs_dir)
 
 
 def last_event(run_dir: Path, kind: str) -> dict | None:
