@@ -4,7 +4,7 @@ opens in the editor; edit and save the concept list) and through its handlers.""
 import pandas as pd
 import pytest
 
-from tests.test_concepts import kohya_dataset
+from tests.test_concepts import image, kohya_dataset
 
 
 def test_the_panel_lists_concepts_and_findings_and_saves_an_edited_list(tmp_path):
@@ -63,6 +63,37 @@ def test_audit_in_the_browser_and_open_a_finding_in_the_editor(app_server, brows
         page.screenshot(path=str(tmp_path / "concepts.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_the_audit_endpoint_returns_the_clis_json_and_refuses_bad_values(app_server):
+    """/audit through gradio_client: what `python -m studio audit --json` prints, from a running app."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    kohya_dataset(app_server.workspace / "datasets" / "api-concepts")
+    client = Client(app_server.url, verbose=False, analytics_enabled=False)
+    audit = client.predict("api-concepts", api_name="/audit", duplicates=False)
+    assert audit["summary"] == "2 concept(s); 4 finding(s): 1 few images, 1 foreign tag, 1 mislabel, 1 missing trigger"
+    assert {c["name"]: c["images"] for c in audit["concepts"]["concepts"]} == {"amiya": 12, "ember": 4}
+    assert {"kind": "mislabel", "concept": "amiya", "rel": "10_amiya/a01.png"}.items() <= next(
+        f for f in audit["findings"] if f["kind"] == "mislabel").items()
+    with_duplicates = client.predict("api-concepts", api_name="/audit")
+    assert "5 finding(s): 1 duplicate, 1 few images" in with_duplicates["summary"], "hashes by default"
+    flat = app_server.workspace / "datasets" / "api-flat"  # a flat folder: the trigger word makes the concept
+    flat.mkdir()
+    for number, caption in enumerate(("ohwx, 1girl, red hair", "ohwx, 1girl, smile", "1boy, hat")):
+        image(flat / f"{number}.png", number)
+        (flat / f"{number}.txt").write_text(caption)
+    concept = client.predict("api-flat", "ohwx", api_name="/audit", duplicates=False)["concepts"]["concepts"][0]
+    assert (concept["name"], concept["triggers"], concept["images"]) == ("ohwx", ["ohwx"], 2)
+    assert client.predict("api-flat", api_name="/audit", duplicates=False)["concepts"]["concepts"][0]["name"] != "ohwx"
+    for kwargs, message in (({"dataset": "../../etc"}, "is not usable"),
+                            ({"dataset": "no-such"}, "there is no dataset folder 'no-such'"),
+                            ({"dataset": "api-concepts", "trigger": ",".join(["t"] * 17)}, "at most 16 trigger"),
+                            ({"dataset": "api-concepts", "trigger": "t" * 300}, "of up to 200 characters"),
+                            ({"dataset": "api-concepts", "duplicates": "yes"}, "duplicates")):
+        with pytest.raises(AppError, match=message):
+            client.predict(api_name="/audit", **kwargs)
 
 
 def test_the_train_summary_shows_each_concepts_share_and_balancing_evens_them(tmp_path):

@@ -81,6 +81,10 @@ def build(ctx: AppContext) -> CaptionTab:
     c["api_button"] = gr.Button(visible=False)
     c["api_summary"] = gr.Textbox(label="summary", visible=False)
     c["api_details"] = gr.JSON(label="details", visible=False)
+    c["api_trigger"] = gr.Textbox(visible=False)
+    c["api_duplicates"] = gr.Checkbox(True, visible=False)
+    c["api_audit_button"] = gr.Button(visible=False)
+    c["api_audit"] = gr.JSON(label="audit", visible=False)
     return tab
 
 
@@ -367,7 +371,10 @@ def on_select_image(ctx: AppContext, folder: str, shown: list[str], index) -> di
 
 def on_audit(ctx: AppContext, folder: str, trigger: str, duplicates: bool) -> dict:
     """The dataset's concepts and the audit's findings (Concepts & audit)."""
-    return concepts_view.audit_view(ctx, _open_dataset(ctx, folder), trigger, bool(duplicates))
+    try:
+        return concepts_view.audit_view(ctx, _open_dataset(ctx, folder), trigger, bool(duplicates))
+    except StudioError as exc:
+        raise _error(exc) from None
 
 
 def on_concepts_save(ctx: AppContext, folder: str, trigger: str, rows) -> dict:
@@ -610,6 +617,14 @@ def api_caption(ctx: AppContext, dataset: str, *values) -> tuple[str, dict]:
     return view.run_summary(report), view.run_details(report)
 
 
+def api_audit(ctx: AppContext, dataset: str, trigger: str | None, duplicates) -> dict:
+    """The /audit API endpoint: a dataset's concepts and the audit's findings, as JSON."""
+    try:
+        return concepts_view.api_audit(ctx, _open_dataset(ctx, dataset), trigger, duplicates)
+    except StudioError as exc:
+        raise _error(exc) from None
+
+
 def on_stop(ctx: AppContext) -> dict:
     job = ctx.jobs.latest(JOB_NAME)
     if job is None or not job.running:
@@ -714,3 +729,11 @@ def wire(ctx: AppContext, tab: CaptionTab) -> None:
                           api_name="caption", concurrency_id="gpu",
                           api_description="Caption a dataset (a folder in workspace/datasets, or a path in the "
                                           "workspace); returns the summary and the details of the run.")
+    c["api_audit_button"].click(named_parameters(functools.partial(api_audit, ctx), ("dataset", "trigger", "duplicates"),
+                                                 required=("dataset",)),
+                                inputs=[c["api_dataset"], c["api_trigger"], c["api_duplicates"]], outputs=c["api_audit"],
+                                api_name="audit", concurrency_id="audit", concurrency_limit=1,
+                                api_description="Audit a dataset: its concepts (images, share of an epoch, balanced "
+                                                "repeats, core tags) and findings (mislabels, foreign character tags, "
+                                                "missing triggers, few images, near-duplicates). trigger: "
+                                                "comma-separated trigger words; duplicates: also hash every image.")

@@ -3,7 +3,8 @@ balanced repeats, core tags), the person's editable concept list, and the audit'
 which opens its image in the caption editor when clicked.
 
 Handlers take the dataset folder as the rest of the tab does (through `ctx.dataset`, which keeps it
-inside the workspace) and return dicts by component name."""
+inside the workspace) and return dicts by component name. `api_audit` is the `/audit` endpoint: the
+same audit as JSON, as `python -m studio audit --json` prints it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import pandas as pd
 
 from studio.context import AppContext
 from studio.dataset.audit import audit_dataset
-from studio.dataset.concepts import CONCEPTS_FILE, known_character_tags, save_specs, spec_from_json
-from studio.errors import StudioError
+from studio.dataset.concepts import (
+    CONCEPTS_FILE,
+    MAX_TRIGGERS,
+    known_character_tags,
+    save_specs,
+    spec_from_json,
+)
+from studio.errors import ConfigError, StudioError
 
 CONCEPT_COLUMNS = ["concept", "triggers", "images", "share of an epoch", "balanced repeats", "core tags"]
 LIST_COLUMNS = ["name", "triggers", "folder", "target share"]
@@ -53,10 +60,30 @@ def _frame(rows: list, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def audit_view(ctx: AppContext, dataset, trigger: str = "", duplicates: bool = True) -> dict:
+def trigger_list(trigger: str | None) -> list[str]:
+    """The trigger words a form or a request gives, comma-separated."""
+    if trigger is not None and not isinstance(trigger, str):
+        raise ConfigError(f"trigger: expected text, got {type(trigger).__name__}")
     triggers = [t.strip() for t in (trigger or "").split(",") if t.strip()]
-    audit = audit_dataset(dataset, character_tags=known_character_tags(ctx.settings.models_dir),
-                          triggers=triggers, duplicates=duplicates)
+    if len(triggers) > MAX_TRIGGERS or any(len(t) > 200 for t in triggers):
+        raise ConfigError(f"trigger: at most {MAX_TRIGGERS} trigger words of up to 200 characters, comma-separated")
+    return triggers
+
+
+def run_audit(ctx: AppContext, dataset, trigger: str | None = "", duplicates: bool = True):
+    return audit_dataset(dataset, character_tags=known_character_tags(ctx.settings.models_dir),
+                         triggers=trigger_list(trigger), duplicates=duplicates)
+
+
+def api_audit(ctx: AppContext, dataset, trigger: str | None, duplicates) -> dict:
+    """/audit: the concepts (images, shares, balanced repeats, core tags) and the findings."""
+    if duplicates is not None and not isinstance(duplicates, bool):
+        raise ConfigError(f"duplicates: expected true or false, got {str(duplicates)[:40]!r}")
+    return run_audit(ctx, dataset, trigger, duplicates is not False).to_json()
+
+
+def audit_view(ctx: AppContext, dataset, trigger: str = "", duplicates: bool = True) -> dict:
+    audit = run_audit(ctx, dataset, trigger, duplicates)
     report = audit.concepts
     saved = (dataset.root / ".studio" / CONCEPTS_FILE).is_file()
     summary = (f"**{audit.summary()}** · {report.samples_per_epoch} samples per epoch · concepts "
