@@ -240,10 +240,12 @@ def run_demo(args, workdir: Path) -> None:
     demo = ensure_demo_sdxl(models)
     count = max(4, 2 * args.batch)
     dataset = make_dataset(workdir / "data", count, args.resolution)
-    config = bench_config(dataset, args)
+    bf16 = getattr(args, "precision", "fp32") == "bf16"
+    config = bench_config(dataset, args, mixed_precision="bf16" if bf16 else "no")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionXLPipeline.from_pretrained(str(demo.folder))
-    reference = ReferenceLoop(pipe, config, sorted(dataset.glob("*.png")), device, torch.float32)
+    reference = ReferenceLoop(pipe, config, sorted(dataset.glob("*.png")), device,
+                              torch.bfloat16 if bf16 else torch.float32)
 
     studio_times, reference_times, loras = [], [], []
     for _ in range(args.rounds):  # interleaved blocks
@@ -254,7 +256,8 @@ def run_demo(args, workdir: Path) -> None:
 
     studio, plain = statistics.median(studio_times), statistics.median(reference_times)
     print(f"demo-sdxl on {device} ({torch.get_num_threads()} thread(s)), {args.resolution}x{args.resolution}, "
-          f"batch {args.batch}, LoRA rank {config.network_dim} on {config.network_target}, AdamW, fp32, "
+          f"batch {args.batch}, LoRA rank {config.network_dim} on {config.network_target}, AdamW, "
+          f"{'bf16' if bf16 else 'fp32'}, "
           f"cached latents + text; {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps")
     studio_count = f"{lora_parameter_count(loras[-1]):,}" if loras else "n/a (no LoRA file)"
     print(f"  trainable parameters: studio {studio_count}  reference {reference.parameter_count:,}")
@@ -385,6 +388,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each block")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved studio/reference blocks")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="demo: the mixed precision of both loops (bf16 on a CPU needs AVX512-BF16 or AMX)")
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--batches", default="1,4", help="--full-size: batch sizes to run (e.g. 4, to split runs)")
     args = parser.parse_args()
