@@ -82,6 +82,12 @@ def test_add_to_queue_from_the_train_tab(server, browser):
         page.locator("#train-queue").get_by_text("from-the-tab").wait_for(timeout=30_000)
         page.wait_for_function("/from-the-tab\\s+done/.test(document.querySelector('#train-queue')?.innerText)",
                                timeout=300_000)
+        client = Client(server.url, verbose=False, analytics_enabled=False)
+        for paused in (True, False):  # Pause / continue toggles the queue, and its note says so
+            page.locator("#train-queue-pause").click()
+            page.wait_for_function(f"document.querySelector('#train-queue-msg').innerText.includes('Paused') === "
+                                   f"{str(paused).lower()}", timeout=30_000)
+            assert client.predict(api_name="/train_queue")["paused"] is paused
     except Exception as exc:  # what the queue holds says more than a timeout; the cause stays chained
         page.screenshot(path=str(server.workspace / "queue-failure.png"), full_page=True)
         raise AssertionError(Client(server.url, verbose=False).predict(api_name="/train_queue")) from exc
