@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = AppContext.create(settings)
     if settings.zero_gpu:  # ZeroGPU forks its GPU worker from this process: load the model here first
         ctx.preload_default_model()
-    elif not settings.multi_user and ctx.run_queue.read().entries:
-        ctx.start_queue()  # runs queued before a restart go on (one cut off mid-run resumes)
+    else:
+        ctx.resume_queues()  # runs queued before a restart go on (one cut off mid-run resumes)
     launch(build_app(ctx), ctx)
     return 0
 

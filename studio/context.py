@@ -113,6 +113,23 @@ class AppContext:
                 self._queue_runner = QueueRunner(self.run_queue, self.settings.runs_dir, start, busy).start()
         return self._queue_runner
 
+    def resume_queues(self) -> list[AppContext]:
+        """At start-up: the queue thread of every workspace whose queue has runs waiting (or cut off
+        mid-run, which resume): this one, or on a multi-user Space each signed-in user's, so their
+        queued runs go on after a restart without waiting for them to come back."""
+        from studio.training.queue import RUNNING, WAITING
+
+        contexts = [self]
+        if self.settings.multi_user:
+            users = self.settings.workspace / USERS_DIR
+            folders = sorted(users.iterdir()) if users.is_dir() else []
+            contexts = [self.for_user(folder.name) for folder in folders
+                        if folder.is_dir() and not folder.is_symlink() and USERNAME.fullmatch(folder.name)]
+        pending = [c for c in contexts if any(e.state in (WAITING, RUNNING) for e in c.run_queue.read().entries)]
+        for context in pending:
+            context.start_queue()
+        return pending
+
     def preload_default_model(self) -> None:
         """Load the default model into RAM now (ZeroGPU: its worker inherits it when forked)."""
         source = self.manager.resolve(self.settings.default_model)

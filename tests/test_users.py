@@ -69,3 +69,30 @@ def test_the_file_guard_serves_workspace_files_to_their_owner_only(tmp_path):
 def test_one_users_file_route_serves_only_what_the_page_shows(tmp_path, relative, served):
     guard = WorkspaceFileGuard(None, tmp_path)
     assert guard._allowed(scope_of(None, path=f"/gradio_api/file={tmp_path}/{relative}")) is served
+
+
+def test_after_a_restart_each_users_waiting_queue_goes_on(tmp_path, monkeypatch):
+    """app.py starts the queue thread of every workspace with runs waiting: on a multi-user Space,
+    each signed-in user's (they need not come back for their queued runs to train)."""
+    from studio.training.queue import CANCELLED, RunQueue
+    from tests.train_fixtures import fast_config, make_dataset
+
+    started = []
+    monkeypatch.setattr(AppContext, "start_queue", lambda self: started.append(self.user))
+    config = fast_config(make_dataset(tmp_path / "data", count=1), output_name="queued")
+    RunQueue(tmp_path / "users" / "alice").add(config)  # waiting
+    bob = RunQueue(tmp_path / "users" / "bob")
+    bob.cancel(bob.add(config).id)  # nothing left to run
+    RunQueue(tmp_path / "users" / "carol").add(config)
+    RunQueue(tmp_path / "users" / "carol").started(RunQueue(tmp_path / "users" / "carol").read().entries[0].id, "")
+    (tmp_path / "users" / "not a name").mkdir()
+    (tmp_path / "users" / "link").symlink_to(tmp_path / "users" / "alice", target_is_directory=True)
+    assert bob.read().entries[0].state == CANCELLED
+    root = multi_user(tmp_path)
+    assert [c.user for c in root.resume_queues()] == started == ["alice", "carol"]  # carol's was cut off mid-run
+
+    single = tmp_path / "single"
+    assert AppContext.create(Settings(workspace=single)).resume_queues() == []
+    RunQueue(single).add(config)
+    started.clear()
+    assert len(AppContext.create(Settings(workspace=single)).resume_queues()) == 1 and started == [None]
