@@ -198,11 +198,9 @@ def train(
     stop_after: int | None = None,
     on_event: Callable[[TrainEvent], None] | None = None,
 ) -> RunResult:
-    import torch
-
     # 1. The accelerator: device, mixed precision, gradient accumulation, processes.
     accelerator, precision = _accelerator(config)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    main, world = accelerator.is_main_process, accelerator.num_processes
     run_dir.mkdir(parents=True, exist_ok=True)
     log = EventLog(run_dir, on_event, config.tensorboard, main)
     if precision != config.mixed_precision:
@@ -210,21 +208,7 @@ def train(
                  "with AVX512-BF16); training in fp32")
 
     # 2. Data: samples with buckets, the batch plan (global batch = per-device batch x processes).
-    from studio.dataset.concepts import known_character_tags, run_concepts, write_run_concepts
-
-    character_tags = frozenset(known_character_tags(models_dir))
-    data = collect_samples(config, character_tags)
-    concepts = run_concepts(config, character_tags)
-    if main:
-        write_run_concepts(run_dir, concepts)
-    for warning in data.warnings:
-        log.emit("message", 0, 0, text=warning)
-    batch = config.train_batch_size
-    plan_batches = BatchPlan(data.train, batch * world, config.seed, keep_partial=world == 1)
-    plan = make_plan(config, plan_batches.batches_per_epoch)
-    log.emit("message", 0, 0, text=f"{data.images} images, {len(data.train)} samples with repeats and resolutions, "
-             f"{plan.batches_per_epoch} batches per epoch, {plan.total_steps} steps", plan=plan.__dict__)
-
+    data, concept_tags, plan_batches, plan = _data(config, models_dir, run_dir, world, main, log)
     if main:
         _emit_memory_plan(config, precision, accelerator.device, models_dir, log)
 
@@ -234,7 +218,7 @@ def train(
     if stop is not None and stop.is_set():  # pressed while the model loaded
         return RunResult("stopped", 0, run_dir, [], "stopped while loading the model; nothing trained yet")
     groups = model.add_network()
-    sampler = _caption_sampler(config, _concept_tags(concepts, data, character_tags))
+    sampler = _caption_sampler(config, concept_tags)
     latent_cache, text_cache, note = _caches(config, model, sampler, cache_dir)
     if note:
         log.emit("message", 0, 0, text=note)
@@ -244,77 +228,40 @@ def train(
     prepared = accelerator.prepare(*model.trainable_modules(), optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     if config.torch_compile:
+        import torch
+
         unet = torch.compile(unet)  # compiled at the first step; the run log says how long it took
     model.use_prepared(list(prepared[1:-1]))
     trainable = [p for g in groups for p in g["params"]]
 
-    # 5. Resume exactly where a saved state left off, or start fresh.
-    step, losses = 0, deque(maxlen=SMOOTHING_WINDOW)
-    if resume:
-        states = list_states(run_dir)
-        if not states:
-            raise StudioError(f"{run_dir} has no saved training state to resume from")
-        check_resumable(states[-1], config.resume_fingerprint())
-        state, network = load_state(states[-1], optimizer, scheduler)
-        model.load_network_state(network)
-        step, losses = state.step, deque(state.losses, maxlen=SMOOTHING_WINDOW)
-        log.truncate_after(step)
-        log.emit("message", step, state.epoch, text=f"resumed at step {step}")
+    # 5. Resume exactly where a saved state left off, or start fresh; the caches filled.
+    step, losses = _resume(run_dir, config, model, optimizer, scheduler, log) if resume else (
+        0, deque(maxlen=SMOOTHING_WINDOW))
     builder = BatchBuilder(model, config, sampler, latent_cache, text_cache)
     try:
         _fill_caches(data.train + data.validation, latent_cache, text_cache, sampler, config, log, stop, main)
     except _Stopped:
         return RunResult("stopped", step, run_dir, [], "stopped while caching; nothing trained yet")
     model.park_frozen(text=text_cache is not None, vae=latent_cache is not None)
-
     saver = Saver(config, model, run_dir, data, plan, source, optimizer, scheduler, main)
     if data.validation and step == 0 and config.validate_every_n_steps:
         log.emit("validation", 0, 0, loss=validation_loss(model, config, data.validation, builder))
 
     # 6. The loop: one optimizer step = gradient_accumulation_steps micro-batches.
-    started, start_step = time.monotonic(), step
-    compile_times: list[float] = []  # seconds of the first two steps, when torch.compile is on
+    one_step = OptimizerStep(config, model, data, plan, plan_batches, builder, accelerator, unet, optimizer, trainable)
+    clock = StepClock(step, config.torch_compile)
     status, message = "done", ""
     while step < plan.total_steps:
-        step_losses = []
-        for micro in range(step * plan.micro_per_step, (step + 1) * plan.micro_per_step):
-            epoch, index = divmod(micro, plan.batches_per_epoch)
-            global_batch = plan_batches.epoch(epoch)[index]
-            local = global_batch[rank * batch:(rank + 1) * batch] if world > 1 else global_batch
-            positions = range(rank * batch, rank * batch + len(local)) if world > 1 else range(len(local))
-            samples = [data.train[i] for i in local]
-            inputs = builder.build(samples, [seed_for(config.seed, micro, p) for p in positions])
-            with accelerator.accumulate(unet):
-                loss = diffusion_loss(model, config, inputs, unet=unet)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # the loss of the whole global batch, averaged over processes
-            step_losses.append(float(accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()))
+        loss_value = one_step(step)
         scheduler.step()
         step += 1
         epoch = (step * plan.micro_per_step - 1) // plan.batches_per_epoch
-        loss_value = sum(step_losses) / len(step_losses)
         if not math.isfinite(loss_value):
-            last = saver.last_step
-            status = "failed"
-            message = (f"the loss became {loss_value} at step {step}; stopped. The last good checkpoint "
-                       f"(step {last}) is kept. Lower the learning rate or use fp32/bf16." if last else
-                       f"the loss became {loss_value} at step {step}; stopped before any checkpoint was saved. "
-                       "Lower the learning rate or use fp32/bf16.")
+            status, message = "failed", _nonfinite_message(loss_value, step, saver.last_step)
             log.emit("message", step, epoch, text=message)
             break
         losses.append(loss_value)
-        elapsed = time.monotonic() - started
-        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
-        if config.torch_compile and step - start_step in (1, 2):
-            compile_times.append(elapsed - sum(compile_times))
-            if len(compile_times) == 2 or step == plan.total_steps:
-                after = f"; the next step took {compile_times[1]:.1f} s" if len(compile_times) == 2 else ""
-                log.emit("message", step, epoch, text=f"torch.compile warm-up: the first step took "
-                         f"{compile_times[0]:.1f} s (compiling){after}", compile_seconds=compile_times[0])
+        rate = clock.tick(step, plan.total_steps, log, epoch)
         if step % config.log_every_n_steps == 0 or step == plan.total_steps:
             log.emit("step", step, epoch, loss=loss_value, smoothed=sum(losses) / len(losses),
                      lr=scheduler.get_last_lr()[0], it_s=rate,
@@ -333,19 +280,120 @@ def train(
             status, message = "stopped", f"stopped at step {step}; resume continues from here"
             break
 
-    # 7. The end: the final LoRA (and samples) are written; what was saved is listed.
+    # 7. The end: the final samples, every process's network checksum, what was saved.
     if status == "done":
         if config.sample_prompts and saver.sampled_at != step:  # not twice for the last step
             saver.samples(step, epoch, log, stop)
         message = f"done: {step} steps"
-    if world > 1:  # every process must hold the same network: say so in the log
-        checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in trainable)], device=accelerator.device)
-        sums = [float(v) for v in accelerator.gather(checksum).tolist()]
-        log.emit("message", step, 0, text=f"network checksum per process: {sums}", checksums=sums)
+    if world > 1:
+        _log_checksums(accelerator, trainable, step, log)
     log.emit("message", step, 0, text=message, status=status)
     log.close()
     accelerator.wait_for_everyone()
     return RunResult(status, step, run_dir, saver.loras(), message)
+
+
+def _data(config: TrainConfig, models_dir: Path, run_dir: Path, world: int, main: bool, log: EventLog):
+    """The run's samples (buckets, repeats, held-out images), its concepts (written to
+    RUN/concepts.json) and their tags that the caption sampler keeps, and the batch plan."""
+    from studio.dataset.concepts import known_character_tags, run_concepts, write_run_concepts
+
+    character_tags = frozenset(known_character_tags(models_dir))
+    data = collect_samples(config, character_tags)
+    concepts = run_concepts(config, character_tags)
+    if main:
+        write_run_concepts(run_dir, concepts)
+    for warning in data.warnings:
+        log.emit("message", 0, 0, text=warning)
+    plan_batches = BatchPlan(data.train, config.train_batch_size * world, config.seed, keep_partial=world == 1)
+    plan = make_plan(config, plan_batches.batches_per_epoch)
+    log.emit("message", 0, 0, text=f"{data.images} images, {len(data.train)} samples with repeats and resolutions, "
+             f"{plan.batches_per_epoch} batches per epoch, {plan.total_steps} steps", plan=plan.__dict__)
+    return data, _concept_tags(concepts, data, character_tags), plan_batches, plan
+
+
+def _resume(run_dir: Path, config: TrainConfig, model, optimizer, scheduler, log: EventLog):
+    """The step and recent losses of the last saved state, its network, optimizer and schedule
+    loaded; the run log cut back to that step."""
+    states = list_states(run_dir)
+    if not states:
+        raise StudioError(f"{run_dir} has no saved training state to resume from")
+    check_resumable(states[-1], config.resume_fingerprint())
+    state, network = load_state(states[-1], optimizer, scheduler)
+    model.load_network_state(network)
+    log.truncate_after(state.step)
+    log.emit("message", state.step, state.epoch, text=f"resumed at step {state.step}")
+    return state.step, deque(state.losses, maxlen=SMOOTHING_WINDOW)
+
+
+class OptimizerStep:
+    """One optimizer step: `gradient_accumulation_steps` micro-batches of the global batch (this
+    process's share of each when distributed). Returns the step's loss, averaged over processes."""
+
+    def __init__(self, config, model, data, plan, plan_batches, builder, accelerator, unet, optimizer, trainable):
+        self.config, self.model, self.data, self.plan, self.plan_batches = config, model, data, plan, plan_batches
+        self.builder, self.accelerator, self.unet, self.optimizer = builder, accelerator, unet, optimizer
+        self.trainable = trainable
+
+    def __call__(self, step: int) -> float:
+        config, plan, accelerator = self.config, self.plan, self.accelerator
+        batch, world, rank = config.train_batch_size, accelerator.num_processes, accelerator.process_index
+        losses = []
+        for micro in range(step * plan.micro_per_step, (step + 1) * plan.micro_per_step):
+            epoch, index = divmod(micro, plan.batches_per_epoch)
+            global_batch = self.plan_batches.epoch(epoch)[index]
+            local = global_batch[rank * batch:(rank + 1) * batch] if world > 1 else global_batch
+            positions = range(rank * batch, rank * batch + len(local)) if world > 1 else range(len(local))
+            samples = [self.data.train[i] for i in local]
+            inputs = self.builder.build(samples, [seed_for(config.seed, micro, p) for p in positions])
+            with accelerator.accumulate(self.unet):
+                loss = diffusion_loss(self.model, config, inputs, unet=self.unet)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            # the loss of the whole global batch, averaged over processes
+            losses.append(float(accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach()))
+        return sum(losses) / len(losses)
+
+
+class StepClock:
+    """Steps per second since the run (or the resume) began, and with torch.compile the seconds of
+    the first two steps (the compile, then an ordinary step) in the run log once."""
+
+    def __init__(self, start_step: int, compiling: bool):
+        self.started, self.start_step, self.compiling = time.monotonic(), start_step, compiling
+        self.compile_times: list[float] = []
+
+    def tick(self, step: int, total_steps: int, log: EventLog, epoch: int) -> float:
+        elapsed = time.monotonic() - self.started
+        done = step - self.start_step
+        if self.compiling and done in (1, 2):
+            times = self.compile_times
+            times.append(elapsed - sum(times))
+            if len(times) == 2 or step == total_steps:
+                after = f"; the next step took {times[1]:.1f} s" if len(times) == 2 else ""
+                log.emit("message", step, epoch, text=f"torch.compile warm-up: the first step took "
+                         f"{times[0]:.1f} s (compiling){after}", compile_seconds=times[0])
+        return done / elapsed if elapsed > 0 else 0.0
+
+
+def _nonfinite_message(loss_value: float, step: int, last_saved: int) -> str:
+    if last_saved:
+        return (f"the loss became {loss_value} at step {step}; stopped. The last good checkpoint "
+                f"(step {last_saved}) is kept. Lower the learning rate or use fp32/bf16.")
+    return (f"the loss became {loss_value} at step {step}; stopped before any checkpoint was saved. "
+            "Lower the learning rate or use fp32/bf16.")
+
+
+def _log_checksums(accelerator, trainable, step: int, log: EventLog) -> None:
+    """Every process must hold the same network: each one's checksum, in the run log."""
+    import torch
+
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in trainable)], device=accelerator.device)
+    sums = [float(v) for v in accelerator.gather(checksum).tolist()]
+    log.emit("message", step, 0, text=f"network checksum per process: {sums}", checksums=sums)
 
 
 def _peak_vram() -> float | None:
