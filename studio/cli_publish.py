@@ -7,7 +7,6 @@ was published; run it again to retry), 2 bad arguments."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -39,31 +38,21 @@ def publish_form(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from studio.errors import ConfigError, StudioError, write_error
     from studio.paths import Resolver
     from studio.publish import PublishConfig, publish
     from studio.schemas import validate
 
-    try:
-        config = validate(PublishConfig, publish_form(args))
-        with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {desc}", dynamic_ncols=True) as bar:
+    # errors: studio.__main__ prints them in one line (exit 2 for bad input, 1 for the rest)
+    config = validate(PublishConfig, publish_form(args))
+    with tqdm(total=100, bar_format="{percentage:3.0f}%|{bar}| {desc}", dynamic_ncols=True) as bar:
 
-            def report(fraction, message):
-                if fraction is not None:
-                    bar.n = round(fraction * 100, 1)
-                bar.set_description_str(message[:120])
-                bar.refresh()
+        def report(fraction, message):
+            if fraction is not None:
+                bar.n = round(fraction * 100, 1)
+            bar.set_description_str(message[:120])
+            bar.refresh()
 
-            result = publish(config, Resolver.command_line(args.workspace), owner_login_allowed=True, report=report)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StudioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {write_error(exc.filename or 'a file', exc)}", file=sys.stderr)
-        return 1
+        result = publish(config, Resolver.command_line(args.workspace), owner_login_allowed=True, report=report)
     print(result.message)
     for note in result.notes:
         print(f"note: {note}")
