@@ -78,7 +78,7 @@ def test_add_to_queue_from_the_train_tab(server, browser):
         page.locator("#train-max-steps input").fill("2")
         page.locator("#train-output-name textarea").fill("from-the-tab")
         page.locator("#train-queue-add").click()
-        page.get_by_text("Run queue").click()
+        page.get_by_text("Run queue", exact=True).click()  # not the toast "... is in the run queue."
         page.locator("#train-queue").get_by_text("from-the-tab").wait_for(timeout=30_000)
         page.wait_for_function("/from-the-tab\\s+done/.test(document.querySelector('#train-queue')?.innerText)",
                                timeout=300_000)
