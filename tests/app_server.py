@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,14 @@ class AppServer:
         except (ProcessLookupError, PermissionError):
             pass
         self.log.close()
+
+
+@contextmanager
+def serving(workspace: Path, *extra: str, **kwargs) -> Iterator[AppServer]:
+    """An AppServer that answers, stopped at the end (for a module's server fixture)."""
+    server = AppServer(workspace, *extra, **kwargs)
+    try:
+        server.startup_seconds = server.wait_until_serving()
+        yield server
+    finally:
+        server.stop()

@@ -24,14 +24,10 @@ LAUNCH_ARGS = [
 def app_server(tmp_path_factory):
     """`python app.py --demo` on a free port with its own workspace, shared by the end-to-end
     tests (gradio_client and browser)."""
-    from tests.app_server import AppServer
+    from tests.app_server import serving
 
-    server = AppServer(tmp_path_factory.mktemp("app-workspace"))
-    try:
-        server.startup_seconds = server.wait_until_serving()
+    with serving(tmp_path_factory.mktemp("app-workspace")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tests.app_server import AppServer
+from tests.app_server import serving
 
 CALLS = 90
 HOSTILE = [None, -1, 0, 10**12, -(10**12), 1.5, "nan", "inf", "", "x" * 20_000, "../../../etc", "/etc/passwd",
@@ -22,12 +22,8 @@ INTERNAL = ("object has no attribute", "Traceback", "unsupported operand", "is n
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("fuzz"))
-    try:
-        server.wait_until_serving()
+    with serving(tmp_path_factory.mktemp("fuzz")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_random_hostile_values_never_break_the_server(server):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.app_server import AppServer
+from tests.app_server import serving
 from tests.evaluation_fixtures import TINY, copy_run, train_run, workspace_with_models
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -49,12 +49,8 @@ def server(tmp_path_factory, demo_models_dir):
     """An app of its own over a workspace holding a trained demo run (two concepts, two checkpoints)."""
     ws = workspace_with_models(tmp_path_factory.mktemp("eval-app"), demo_models_dir)
     train_run(ws, "pair")
-    server = AppServer(ws)
-    try:
-        server.wait_until_serving()
+    with serving(ws) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from studio.models.folders import model_files
-from tests.app_server import AppServer
+from tests.app_server import serving
 from tests.lora_fixtures import write_demo_kohya_lora
 
 
@@ -52,12 +52,8 @@ def comfy_server(tmp_path_factory):
 
     write_comfy_anima(build_demo_anima_pipeline(), root / "ComfyUI" / "models", dit_name="anima-comfy.safetensors")
     (root / "ws").mkdir()
-    server = AppServer(root / "ws", "--model-dir", str(root / "ComfyUI" / "models"))
-    try:
-        server.wait_until_serving()
+    with serving(root / "ws", "--model-dir", str(root / "ComfyUI" / "models")) as server:
         yield server, lora
-    finally:
-        server.stop()
 
 
 def test_a_comfyui_lora_is_listed_used_and_left_untouched(comfy_server, browser):

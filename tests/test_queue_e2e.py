@@ -9,7 +9,7 @@ import time
 import pytest
 
 from studio.training.queue import RunQueue
-from tests.app_server import AppServer
+from tests.app_server import serving
 from tests.train_fixtures import fast_config, make_dataset
 
 SMALL = {"max_train_steps": 2, "train_batch_size": 1, "sample_every_n_steps": 0, "validation_images": 0,
@@ -24,12 +24,8 @@ def server(tmp_path_factory, demo_models_dir):
     (ws / "datasets" / "empty").mkdir()
     RunQueue(ws).add(fast_config(data, output_name="before-restart", **{k: v for k, v in SMALL.items()
                                                                          if k != "save_every_n_epochs"}))
-    server = AppServer(ws)
-    try:
-        server.wait_until_serving()
+    with serving(ws) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def queue_states(client) -> dict:
