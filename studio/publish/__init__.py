@@ -121,7 +121,8 @@ def check(config: PublishConfig, resolver: Resolver, token: str | None, *,
           owner_login_allowed: bool) -> tuple[Path, str | None]:
     """The cheap checks, before any work: the run folder, that there is something to do, and the
     token to upload with (None without an upload)."""
-    run_dir = resolver.folder(config.run, [resolver.workspace / "runs"], "run")
+    runs = resolver.workspace / "runs"  # a request names a run of runs/; the command line any run folder
+    run_dir = resolver.folder(config.run, [runs], "run") if resolver.owner else resolver.run(config.run, runs)
     uploading = bool(config.repo_id) and not config.dry_run
     if not (uploading or config.dry_run or config.civitai):
         raise ConfigError("give a repo id (OWNER/NAME) to publish, or ask for a dry run or a CivitAI folder")
